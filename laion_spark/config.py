@@ -1,0 +1,299 @@
+"""One typed configuration tree for every stage, loaded from YAML with `--set a.b=c` overrides.
+
+Why dataclasses and a strict loader: a typo in a 5-billion-row job's config must fail before the
+cluster spins up, with the key and the file named, not silently fall back to a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+PACKAGE_CONF_DIR = Path(__file__).resolve().parent / "conf"
+REPO_CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema; the message names key and source."""
+
+
+MISSING: Any = dataclasses.MISSING
+
+
+@dataclass
+class SparkConfig:
+    """How the session is built when not launched by spark-submit with its own master."""
+
+    master: str = "local[*]"
+    app_name: str = "laion-spark"
+    log_level: str = "WARN"
+    shuffle_partitions: int = 8
+    driver_memory: str = "4g"
+    extra_conf: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class LakeConfig:
+    """Where the Delta tables live and which backend commits them."""
+
+    root: str = "./lake"
+    backend: str = "auto"  # auto | delta-spark | delta-rs
+    storage_options: dict[str, str] = field(default_factory=dict)
+    target_file_rows: int = 250_000
+
+
+@dataclass
+class ExtractConfig:
+    """LAION-5B candidate rules (each configurable) and the input list."""
+
+    inputs: list[str] = field(default_factory=list)
+    input_format: str = "auto"  # auto | warc | wat
+    listing_prefix: str = "https://data.commoncrawl.org/"
+    sample_files: Optional[int] = None
+    sample_seed: int = 0
+    crawl: str = ""
+    min_text_length: int = 5
+    max_text_length: int = 4096
+    max_hostname_length: int = 60
+    drop_extensions: list[str] = field(default_factory=lambda: [".svg", ".gif"])
+    allowed_schemes: list[str] = field(default_factory=lambda: ["http", "https"])
+    max_html_bytes: int = 5_000_000
+    language_min_prob: float = 0.5
+    batch_rows: int = 8192
+    dedup_against_table: bool = True
+
+
+@dataclass
+class DownloadConfig:
+    """img2dataset-style download, resize and encode, plus the safety rules."""
+
+    shard_size: int = 1000
+    threads_per_task: int = 32
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 10.0
+    total_deadline_s: float = 20.0
+    max_bytes: int = 20_000_000
+    max_redirects: int = 5
+    retries: int = 0
+    user_agent: str = (
+        "laion-spark/0.1 (+https://github.com/laion-spark/laion-spark#opt-out)"
+    )
+    respect_robots_headers: bool = True
+    disallowed_robots_values: list[str] = field(
+        default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"]
+    )
+    per_host_concurrency: int = 4
+    allow_private_addresses: bool = False
+    allow_loopback: bool = False
+    min_image_bytes: int = 5000
+    max_image_pixels: int = 89_478_484
+    allowed_formats: list[str] = field(default_factory=lambda: ["JPEG", "PNG", "WEBP"])
+    image_size: int = 256
+    resize_mode: str = "border"  # no | keep_ratio | center_crop | border
+    resize_only_if_bigger: bool = False
+    output_format: str = "jpg"  # jpg | webp
+    encode_quality: int = 95
+    decode_workers: int = 2
+    retry_failed: bool = False
+
+
+@dataclass
+class ScoreConfig:
+    """CLIP models, thresholds per language group, and the safety heads."""
+
+    clip_model: str = "openai/clip-vit-base-patch32"
+    multilingual_text_model: Optional[str] = None
+    use_multilingual_for: list[str] = field(default_factory=lambda: ["multi", "nolang"])
+    threshold_en: float = 0.28
+    threshold_multi: float = 0.26
+    threshold_nolang: float = 0.26
+    batch_size: int = 256
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto | float32 | float16 | bfloat16
+    nsfw_head: Optional[str] = None
+    watermark_head: Optional[str] = None
+    toxic_head: Optional[str] = None
+    preprocess_threads: int = 2
+
+
+@dataclass
+class IndexConfig:
+    """faiss index parameters chosen from the vector count and a memory budget."""
+
+    filter: str = "passes_filter"
+    table_version: Optional[int] = None
+    output: str = "./lake/_indices"
+    memory_budget_gb: float = 4.0
+    latency_target_ms: float = 10.0
+    index_key: Optional[str] = None
+    train_samples_per_cluster: int = 64
+    recall_queries: int = 1000
+    seed: int = 0
+    use_gpu: bool = False
+
+
+@dataclass
+class DemoConfig:
+    """The generated demo web the README's first command runs on."""
+
+    out_dir: str = "./demo-out"
+    seed: int = 0
+    n_pages: int = 240
+    clip_model_dir: Optional[str] = None
+
+
+@dataclass
+class Config:
+    """The whole tree; every stage reads its own section."""
+
+    spark: SparkConfig = field(default_factory=SparkConfig)
+    lake: LakeConfig = field(default_factory=LakeConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    download: DownloadConfig = field(default_factory=DownloadConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check `value` against the annotation `tp`; return it (ints widened to float where asked)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, source)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(
+            f"{source}: key '{key}' expects {_type_name(tp)}, got {type(value).__name__} {value!r}"
+        )
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(
+                f"{source}: key '{key}' expects a list, got {type(value).__name__} {value!r}"
+            )
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(
+                f"{source}: key '{key}' expects a mapping, got {type(value).__name__} {value!r}"
+            )
+        _, val_tp = typing.get_args(tp)
+        return {str(k): _coerce(v, val_tp, f"{key}.{k}", source) for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(
+                f"{source}: key '{key}' is a section, expects a mapping, got {type(value).__name__}"
+            )
+        return _build(tp, value, key, source)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is Any:
+        return value
+    if isinstance(tp, type) and isinstance(value, tp) and not (
+        tp is int and isinstance(value, bool)
+    ):
+        return value
+    raise ConfigError(
+        f"{source}: key '{key}' expects {_type_name(tp)}, got {type(value).__name__} {value!r}"
+    )
+
+
+def _build(cls: type, data: dict, prefix: str, source: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    for k in data:
+        if k not in names:
+            full = f"{prefix}.{k}" if prefix else k
+            known = ", ".join(sorted(names))
+            raise ConfigError(f"{source}: unknown key '{full}' (known keys here: {known})")
+    kwargs = {}
+    for name, f in names.items():
+        full = f"{prefix}.{name}" if prefix else name
+        if name in data:
+            kwargs[name] = _coerce(data[name], hints[name], full, source)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{source}: missing required key '{full}'")
+    return cls(**kwargs)
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`download.threads_per_task=16` → (['download', 'threads_per_task'], 16); values are YAML."""
+    if "=" not in text:
+        raise ConfigError(f"--set '{text}': expected section.key=value")
+    key, raw = text.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"--set '{text}': empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() != "" else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set '{text}': value is not valid YAML: {exc}") from exc
+    return parts, value
+
+
+def default_config_path() -> Path:
+    """conf/local.yaml of the checkout, else the copy shipped inside the package."""
+    for d in (REPO_CONF_DIR, PACKAGE_CONF_DIR):
+        if (d / "local.yaml").exists():
+            return d / "local.yaml"
+    return REPO_CONF_DIR / "local.yaml"
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None
+) -> Config:
+    """Load `path` (default: conf/local.yaml) and apply `--set` overrides, refusing bad keys/types."""
+    source_path = Path(path) if path else default_config_path()
+    data: dict = {}
+    if path is not None or source_path.exists():
+        try:
+            text = source_path.read_text()
+        except OSError as exc:
+            raise ConfigError(f"{source_path}: cannot read config: {exc}") from exc
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{source_path}: not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source_path}: top level must be a mapping of sections")
+    source = str(source_path)
+    cfg = _build(Config, data, "", source)
+    for text in overrides or []:
+        parts, value = parse_override(text)
+        nested: Any = value
+        for p in reversed(parts):
+            nested = {p: nested}
+        data = _merge(data, nested)
+        cfg = _build(Config, data, "", f"--set {text}")
+    return cfg
+
+
+def config_to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,500 @@
+"""The table layer: the only module that reads or writes Delta tables.
+
+Two backends behind one API (read, append, overwrite, version, idempotent commit):
+
+* ``delta-spark``: the session has Delta's SQL extension (EMR >= 6.9, Dataproc 2.2, jars on the
+  classpath), so Spark reads and writes ``format("delta")`` itself.
+* ``delta-rs``: no Delta jars (no Maven here). Spark writes plain Parquet into a fresh folder
+  inside the table; the driver reads the Parquet footers for per-file stats and commits the files
+  with ``deltalake`` (AddAction + create_table_with_add_actions / create_write_transaction).
+
+Idempotence: every commit may carry *units of work* (an input file, a shard). Each unit becomes
+a Delta application transaction ``txn(appId=<stage>:<unit>, version=1)``; a re-run asks
+:meth:`Lake.pending_units` which units are not in the table yet, and a commit whose units are
+already there commits nothing. A crash before the commit leaves only unreferenced Parquet files,
+never rows.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Iterable, Optional
+from urllib.parse import unquote, urlparse
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pyspark.sql import DataFrame, SparkSession
+
+from laion_spark.config import LakeConfig
+from laion_spark.spark import has_delta_extension
+
+log = logging.getLogger(__name__)
+
+UNIT_VERSION = 1
+_STATS_STRING_MAX = 64
+
+
+class LakeError(RuntimeError):
+    """A table operation that cannot go ahead; the message names the table."""
+
+
+class SchemaMismatchError(LakeError):
+    """Appending rows whose columns or types differ from the table's."""
+
+
+@dataclass
+class CommitResult:
+    """What a write did: the new version (None when nothing was committed) and how much."""
+
+    table: str
+    version: Optional[int]
+    files: int
+    rows: int
+    skipped_units: list[str]
+    committed_units: list[str]
+
+
+def unit_app_id(stage: str, unit: str) -> str:
+    """A stable, short Delta appId for a unit of work (paths can be long and hold any byte)."""
+    digest = hashlib.sha1(unit.encode("utf-8")).hexdigest()[:20]
+    return f"{stage}:{digest}"
+
+
+def _is_local(uri: str) -> bool:
+    scheme = urlparse(uri).scheme
+    return scheme in ("", "file") or (len(scheme) == 1)  # windows drive letters
+
+
+def _local_path(uri: str) -> str:
+    if uri.startswith("file://"):
+        return unquote(urlparse(uri).path)
+    if uri.startswith("file:"):
+        return unquote(uri[5:])
+    return uri
+
+
+class Lake:
+    """All the tables under one root folder (local path, s3://, gs://)."""
+
+    def __init__(self, spark: SparkSession, cfg: LakeConfig | None = None):
+        self.spark = spark
+        self.cfg = cfg or LakeConfig()
+        root = self.cfg.root
+        if _is_local(root):
+            root = os.path.abspath(_local_path(root))
+            os.makedirs(root, exist_ok=True)
+        self.root = root.rstrip("/")
+        backend = self.cfg.backend
+        if backend == "auto":
+            backend = "delta-spark" if has_delta_extension(spark) else "delta-rs"
+        if backend not in ("delta-spark", "delta-rs"):
+            raise LakeError(f"lake.backend must be auto, delta-spark or delta-rs, got {backend!r}")
+        self.backend = backend
+        self.storage_options = dict(self.cfg.storage_options)
+
+    # ----------------------------------------------------------------- paths and discovery
+    def table_path(self, name: str) -> str:
+        if not name.replace("_", "").isalnum():
+            raise LakeError(f"table name {name!r} must be letters, digits and underscores")
+        return f"{self.root}/{name}"
+
+    def _delta_table(self, name: str, version: int | None = None):
+        from deltalake import DeltaTable
+
+        path = self.table_path(name)
+        try:
+            return DeltaTable(path, version=version, storage_options=self.storage_options or None)
+        except Exception as exc:  # TableNotFoundError and friends
+            raise LakeError(f"table '{name}' at {path}: {exc}") from exc
+
+    def exists(self, name: str) -> bool:
+        from deltalake import DeltaTable
+
+        return DeltaTable.is_deltatable(
+            self.table_path(name), storage_options=self.storage_options or None
+        )
+
+    def tables(self) -> list[str]:
+        """Names of the Delta tables directly under the root."""
+        if _is_local(self.root):
+            if not os.path.isdir(self.root):
+                return []
+            names = [
+                d
+                for d in sorted(os.listdir(self.root))
+                if os.path.isdir(os.path.join(self.root, d, "_delta_log"))
+            ]
+        else:
+            import fsspec
+
+            fs, path = fsspec.core.url_to_fs(self.root, **self.storage_options)
+            names = sorted(
+                os.path.basename(p.rstrip("/"))
+                for p in fs.ls(path, detail=False)
+                if fs.exists(f"{p}/_delta_log")
+            )
+        return [n for n in names if n.replace("_", "").isalnum()]
+
+    # ----------------------------------------------------------------- reads
+    def version(self, name: str) -> Optional[int]:
+        """Current version of the table, or None when it does not exist."""
+        if not self.exists(name):
+            return None
+        return self._delta_table(name).version()
+
+    def arrow_schema(self, name: str, version: int | None = None) -> pa.Schema:
+        return pa.schema(self._delta_table(name, version).schema().to_arrow())
+
+    def read(self, name: str, version: int | None = None) -> DataFrame:
+        """The table as a Spark DataFrame (optionally at an older version: time travel)."""
+        if self.backend == "delta-spark":
+            reader = self.spark.read.format("delta")
+            if version is not None:
+                reader = reader.option("versionAsOf", version)
+            return reader.load(self.table_path(name))
+        table = self._delta_table(name, version)
+        uris = table.file_uris()
+        schema = pa.schema(table.schema().to_arrow())
+        spark_schema = _spark_schema_from_arrow(schema)
+        if not uris:
+            return self.spark.createDataFrame([], spark_schema)
+        return self.spark.read.schema(spark_schema).parquet(*uris)
+
+    def read_arrow(self, name: str, version: int | None = None, columns: list[str] | None = None,
+                   filter=None) -> pa.Table:
+        """The table as Arrow, with no Spark: for GPU scoring/index machines and tests."""
+        ds = self._delta_table(name, version).to_pyarrow_dataset()
+        return ds.to_table(columns=columns, filter=filter)
+
+    def arrow_dataset(self, name: str, version: int | None = None):
+        return self._delta_table(name, version).to_pyarrow_dataset()
+
+    def history(self, name: str) -> list[dict]:
+        return self._delta_table(name).history()
+
+    def file_stats(self, name: str) -> list[dict]:
+        """The `add` actions' stats of the live files (for tests and file-skipping checks)."""
+        t = self._delta_table(name)
+        actions = t.get_add_actions(flatten=False)
+        batch = pa.table(actions) if not isinstance(actions, pa.Table) else actions
+        return batch.to_pylist()
+
+    # ----------------------------------------------------------------- idempotence
+    def committed_units(self, name: str, stage: str, units: Iterable[str]) -> set[str]:
+        """Which of `units` are already committed to table `name` (by a run of `stage`)."""
+        units = list(units)
+        if not units or not self.exists(name):
+            return set()
+        table = self._delta_table(name)
+        if self.backend == "delta-rs":
+            return {
+                u for u in units
+                if (table.transaction_version(unit_app_id(stage, u)) or 0) >= UNIT_VERSION
+            }
+        # delta-spark: units are listed in each commit's userMetadata.
+        done: set[str] = set()
+        wanted = {unit_app_id(stage, u): u for u in units}
+        for entry in table.history():
+            meta = entry.get("userMetadata")
+            if not meta:
+                continue
+            try:
+                ids = json.loads(meta).get("units", [])
+            except (ValueError, AttributeError):
+                continue
+            done.update(wanted[i] for i in ids if i in wanted)
+        return done
+
+    def pending_units(self, name: str, stage: str, units: Iterable[str]) -> list[str]:
+        """`units` minus those already committed: what a (re-)run still has to do."""
+        units = list(dict.fromkeys(units))
+        done = self.committed_units(name, stage, units)
+        return [u for u in units if u not in done]
+
+    # ----------------------------------------------------------------- writes
+    def append(self, name: str, df: DataFrame, *, stage: str = "laion-spark",
+               units: Iterable[str] = (), metadata: dict | None = None) -> CommitResult:
+        """Add `df`'s rows; with `units`, a unit already committed makes this commit a no-op."""
+        return self._write(name, df, "append", stage, list(units), metadata)
+
+    def overwrite(self, name: str, df: DataFrame, *, stage: str = "laion-spark",
+                  units: Iterable[str] = (), metadata: dict | None = None) -> CommitResult:
+        """Replace the table's rows with `df`'s (old files stay until VACUUM, for time travel)."""
+        return self._write(name, df, "overwrite", stage, list(units), metadata)
+
+    def _write(self, name: str, df: DataFrame, mode: str, stage: str, units: list[str],
+               metadata: dict | None) -> CommitResult:
+        started = time.time()
+        path = self.table_path(name)
+        if units:
+            already = self.committed_units(name, stage, units)
+            if already:
+                if len(already) != len(set(units)):
+                    raise LakeError(
+                        f"table '{name}': {len(already)} of {len(set(units))} units of this commit "
+                        f"are already committed; split the work by pending_units() first"
+                    )
+                log.info("%s: all %d units already committed, nothing to do", name, len(already))
+                return CommitResult(name, None, 0, 0, sorted(already), [])
+        if self.exists(name) and mode == "append":
+            self._check_schema(name, df)
+        app_ids = [unit_app_id(stage, u) for u in dict.fromkeys(units)]
+        if self.backend == "delta-spark":
+            result = self._write_delta_spark(name, df, mode, stage, app_ids, metadata)
+        else:
+            result = self._write_delta_rs(name, df, mode, app_ids, metadata)
+        result.committed_units = list(dict.fromkeys(units))
+        log.info(
+            "%s: %s %d rows in %d files -> version %s (%.1fs)",
+            name, mode, result.rows, result.files, result.version, time.time() - started,
+        )
+        return result
+
+    def _check_schema(self, name: str, df: DataFrame) -> None:
+        table_schema = self.arrow_schema(name)
+        incoming = _arrow_schema_from_spark(df.schema)
+        want = {f.name: f.type for f in table_schema}
+        got = {f.name: f.type for f in incoming}
+        missing = sorted(set(want) - set(got))
+        extra = sorted(set(got) - set(want))
+        changed = sorted(
+            f"{k} ({want[k]} in table, {got[k]} in rows)"
+            for k in set(want) & set(got)
+            if not _same_type(want[k], got[k])
+        )
+        if missing or extra or changed:
+            parts = []
+            if missing:
+                parts.append(f"missing columns {missing}")
+            if extra:
+                parts.append(f"unknown columns {extra}")
+            if changed:
+                parts.append(f"type changes {changed}")
+            raise SchemaMismatchError(
+                f"cannot append to table '{name}' ({self.table_path(name)}): " + "; ".join(parts)
+            )
+
+    def _write_delta_spark(self, name, df, mode, stage, app_ids, metadata) -> CommitResult:
+        writer = df.write.format("delta").mode(mode)
+        user_meta = dict(metadata or {})
+        if app_ids:
+            user_meta["units"] = app_ids
+            batch_id = hashlib.sha1("\n".join(sorted(app_ids)).encode()).hexdigest()[:20]
+            writer = writer.option("txnAppId", f"{stage}:batch:{batch_id}").option("txnVersion", 1)
+        if user_meta:
+            writer = writer.option("userMetadata", json.dumps(user_meta))
+        writer.save(self.table_path(name))
+        table = self._delta_table(name)
+        last = table.history(1)[0]
+        metrics = last.get("operationMetrics") or {}
+        return CommitResult(
+            name, table.version(), int(metrics.get("numFiles", 0) or 0),
+            int(metrics.get("numOutputRows", 0) or 0), [], [],
+        )
+
+    def _write_delta_rs(self, name, df, mode, app_ids, metadata) -> CommitResult:
+        from deltalake import CommitProperties, DeltaTable, Schema, Transaction
+        from deltalake.transaction import AddAction, create_table_with_add_actions
+
+        path = self.table_path(name)
+        batch_dir = f"part-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:12]}"
+        staging = f"{path}/{batch_dir}"
+        df.write.mode("errorifexists").option("compression", "zstd").parquet(staging)
+        files = self._list_parquet(staging)
+        adds = self._add_actions(path, files)
+        rows = sum(json.loads(a.stats).get("numRecords", 0) for a in adds)
+        arrow_schema = _arrow_schema_from_spark(df.schema)
+        props = CommitProperties(
+            custom_metadata={k: (v if isinstance(v, str) else json.dumps(v))
+                             for k, v in (metadata or {}).items()} or None,
+            app_transactions=[
+                Transaction(app_id=a, version=UNIT_VERSION, last_updated=int(time.time() * 1000))
+                for a in app_ids
+            ] or None,
+            max_commit_retries=20,
+        )
+        so = self.storage_options or None
+        if not DeltaTable.is_deltatable(path, storage_options=so):
+            create_table_with_add_actions(
+                path, Schema.from_arrow(arrow_schema), adds, mode="append",
+                storage_options=so, commit_properties=props,
+            )
+        else:
+            table = DeltaTable(path, storage_options=so)
+            table.create_write_transaction(
+                adds, mode, Schema.from_arrow(arrow_schema), commit_properties=props,
+            )
+        version = DeltaTable(path, storage_options=so).version()
+        return CommitResult(name, version, len(adds), rows, [], [])
+
+    def _list_parquet(self, staging: str) -> list[str]:
+        if _is_local(staging):
+            out = []
+            for dirpath, _, names in os.walk(_local_path(staging)):
+                out.extend(os.path.join(dirpath, n) for n in names if n.endswith(".parquet"))
+            return sorted(out)
+        import fsspec
+
+        fs, p = fsspec.core.url_to_fs(staging, **self.storage_options)
+        proto = staging.split("://", 1)[0]
+        return sorted(f"{proto}://{f}" for f in fs.find(p) if f.endswith(".parquet"))
+
+    def _add_actions(self, table_path: str, files: list[str]) -> list:
+        from deltalake.transaction import AddAction
+
+        def one(f: str):
+            if _is_local(f):
+                size = os.path.getsize(f)
+                mtime = int(os.path.getmtime(f) * 1000)
+                meta = pq.read_metadata(f)
+            else:
+                import fsspec
+
+                fs, p = fsspec.core.url_to_fs(f, **self.storage_options)
+                info = fs.info(p)
+                size = int(info["size"])
+                mtime = int(time.time() * 1000)
+                with fs.open(p, "rb") as fh:
+                    meta = pq.read_metadata(fh)
+            rel = os.path.relpath(f, table_path) if _is_local(f) else f[len(table_path) + 1:]
+            return AddAction(rel, size, {}, mtime, True, json.dumps(parquet_file_stats(meta)))
+
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            return list(pool.map(one, files))
+
+    # ----------------------------------------------------------------- SQL
+    def register_views(self) -> list[str]:
+        """Every table under the root becomes a temp view by its name (for `laion-spark sql`)."""
+        names = self.tables()
+        for n in names:
+            self.read(n).createOrReplaceTempView(n)
+        return names
+
+
+# --------------------------------------------------------------------- helpers
+def _same_type(a: pa.DataType, b: pa.DataType) -> bool:
+    if a == b:
+        return True
+    # delta-rs reads strings/binary back as their large/view variants; timestamps may differ in tz.
+    norm = {pa.large_string(): pa.string(), pa.string_view(): pa.string(),
+            pa.large_binary(): pa.binary(), pa.binary_view(): pa.binary()}
+    if pa.types.is_timestamp(a) and pa.types.is_timestamp(b):
+        return True
+    if pa.types.is_list(a) or pa.types.is_large_list(a):
+        if pa.types.is_list(b) or pa.types.is_large_list(b):
+            return _same_type(a.value_type, b.value_type)
+    return norm.get(a, a) == norm.get(b, b)
+
+
+def _arrow_schema_from_spark(schema) -> pa.Schema:
+    from pyspark.sql.pandas.types import to_arrow_schema
+
+    arrow = (to_arrow_schema(schema, timezone="UTC") if _accepts_kw(to_arrow_schema, "timezone")
+             else to_arrow_schema(schema))
+    fields = []
+    for f in arrow:
+        t = f.type
+        if pa.types.is_timestamp(t):
+            t = pa.timestamp("us", tz="UTC")
+        fields.append(pa.field(f.name, t, nullable=True))
+    return pa.schema(fields)
+
+
+def _accepts_kw(fn, kw: str) -> bool:
+    import inspect
+
+    try:
+        return kw in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _spark_schema_from_arrow(schema: pa.Schema):
+    from pyspark.sql.pandas.types import from_arrow_schema
+
+    norm = []
+    for f in schema:
+        norm.append(pa.field(f.name, _normalise_arrow_type(f.type), nullable=True))
+    return from_arrow_schema(pa.schema(norm))
+
+
+def _normalise_arrow_type(t: pa.DataType) -> pa.DataType:
+    if t in (pa.large_string(), pa.string_view()):
+        return pa.string()
+    if t in (pa.large_binary(), pa.binary_view()):
+        return pa.binary()
+    if pa.types.is_timestamp(t):
+        return pa.timestamp("us", tz="UTC")
+    if pa.types.is_large_list(t) or pa.types.is_list(t):
+        return pa.list_(_normalise_arrow_type(t.value_type))
+    if pa.types.is_struct(t):
+        return pa.struct([pa.field(f.name, _normalise_arrow_type(f.type)) for f in t])
+    return t
+
+
+def _stat_value(v):
+    if isinstance(v, dt.datetime):
+        if v.tzinfo is None:
+            v = v.replace(tzinfo=dt.timezone.utc)
+        return v.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    if isinstance(v, dt.date):
+        return v.isoformat()
+    if isinstance(v, bytes):
+        return None
+    if isinstance(v, float) and (v != v):  # NaN
+        return None
+    return v
+
+
+def parquet_file_stats(meta: pq.FileMetaData) -> dict:
+    """Delta `add.stats` from a Parquet footer: numRecords, min/max and null counts per column.
+
+    Only top-level primitive columns; strings longer than 64 chars and binaries get no min/max
+    (Delta allows a column to have no stats; a wrong bound would make readers skip live rows).
+    """
+    stats: dict = {"numRecords": meta.num_rows, "minValues": {}, "maxValues": {}, "nullCount": {}}
+    schema = meta.schema.to_arrow_schema()
+    top_level = {f.name for f in schema if not pa.types.is_nested(f.type)}
+    mins: dict = {}
+    maxs: dict = {}
+    nulls: dict = {}
+    no_minmax: set = set()
+    for rg in range(meta.num_row_groups):
+        group = meta.row_group(rg)
+        for ci in range(group.num_columns):
+            col = group.column(ci)
+            name = col.path_in_schema
+            if name not in top_level:
+                continue
+            st = col.statistics
+            if st is None:
+                no_minmax.add(name)
+                nulls.pop(name, None)
+                continue
+            if st.has_null_count:
+                nulls[name] = nulls.get(name, 0) + st.null_count
+            if not st.has_min_max or group.num_rows == st.null_count:
+                if group.num_rows != st.null_count:
+                    no_minmax.add(name)
+                continue
+            lo, hi = _stat_value(st.min), _stat_value(st.max)
+            if lo is None or hi is None or (isinstance(lo, str) and
+                                            (len(lo) > _STATS_STRING_MAX or len(hi) > _STATS_STRING_MAX)):
+                no_minmax.add(name)
+                continue
+            mins[name] = lo if name not in mins else min(mins[name], lo)
+            maxs[name] = hi if name not in maxs else max(maxs[name], hi)
+    for name in top_level:
+        if name in mins and name not in no_minmax:
+            stats["minValues"][name] = mins[name]
+            stats["maxValues"][name] = maxs[name]
+        if name in nulls:
+            stats["nullCount"][name] = nulls[name]
+    return stats

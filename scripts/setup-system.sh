@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# System packages the suite needs on a fresh Debian machine. Idempotent: installs only what is missing.
+set -euo pipefail
+need=()
+dpkg -s protobuf-compiler >/dev/null 2>&1 || need+=(protobuf-compiler)
+dpkg -s libprotobuf-dev >/dev/null 2>&1 || need+=(libprotobuf-dev)
+command -v java >/dev/null 2>&1 || need+=(openjdk-17-jre-headless)
+if ((${#need[@]})); then
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  echo "setup: installing system packages: ${need[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi

@@ -1,0 +1,41 @@
+"""Shared fixtures: one local Spark session for the whole run, a fresh lake per test."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+REAL_DATA = (REPO.parent / "shared" / "data" / "real").resolve()
+
+
+@pytest.fixture(scope="session")
+def spark():
+    from laion_spark.config import SparkConfig
+    from laion_spark.spark import build_spark_session
+
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    session = build_spark_session(
+        SparkConfig(master="local[2]", shuffle_partitions=2, driver_memory="2g", log_level="ERROR",
+                    app_name="laion-spark-tests")
+    )
+    yield session
+    session.stop()
+
+
+@pytest.fixture()
+def lake(spark, tmp_path):
+    from laion_spark.config import LakeConfig
+    from laion_spark.lake import Lake
+
+    return Lake(spark, LakeConfig(root=str(tmp_path / "lake")))
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    """../shared/data/real: skip with a clear message where a clone has no ../shared."""
+    if not REAL_DATA.is_dir():
+        pytest.skip(f"real web-archive data not found at {REAL_DATA} (needs ../shared beside the repo)")
+    return REAL_DATA

@@ -1,0 +1,143 @@
+"""The table layer: append, overwrite, read back, idempotent units, schema errors, file stats,
+and the table read outside Spark (deltalake, Polars, DuckDB) with identical rows."""
+from __future__ import annotations
+
+import datetime as dt
+
+import pyarrow as pa
+import pytest
+from pyspark.sql import Row
+from pyspark.sql import types as T
+
+from laion_spark.lake import LakeError, SchemaMismatchError
+
+SCHEMA = T.StructType([
+    T.StructField("uid", T.LongType()),
+    T.StructField("url", T.StringType()),
+    T.StructField("similarity", T.FloatType()),
+    T.StructField("image", T.BinaryType()),
+    T.StructField("fetched_at", T.TimestampType()),
+])
+
+
+def rows(start, n):
+    t0 = dt.datetime(2024, 5, 1, 12, 0, tzinfo=dt.timezone.utc)
+    return [
+        (i, f"http://example.com/{i}.jpg", float(i) / 100, bytes([i % 256]) * 3,
+         t0 + dt.timedelta(seconds=i))
+        for i in range(start, start + n)
+    ]
+
+
+def df(spark, start, n, parts=2):
+    return spark.createDataFrame(rows(start, n), SCHEMA).repartition(parts)
+
+
+def sorted_rows(d):
+    return sorted(tuple(r) for r in d.collect())
+
+
+def test_append_read_overwrite(spark, lake):
+    assert lake.version("t") is None and not lake.exists("t")
+    r1 = lake.append("t", df(spark, 0, 10))
+    assert r1.version == 0 and r1.rows == 10
+    r2 = lake.append("t", df(spark, 10, 5))
+    assert r2.version == 1
+    got = lake.read("t")
+    assert got.count() == 15
+    assert sorted(r.uid for r in got.collect()) == list(range(15))
+    # time travel
+    assert lake.read("t", version=0).count() == 10
+    r3 = lake.overwrite("t", df(spark, 100, 3))
+    assert r3.version == 2
+    assert sorted(r.uid for r in lake.read("t").collect()) == [100, 101, 102]
+    assert lake.tables() == ["t"]
+
+
+def test_idempotent_units(spark, lake):
+    first = lake.append("t", df(spark, 0, 10), stage="extract", units=["a.warc.gz", "b.warc.gz"])
+    assert first.version == 0 and first.committed_units == ["a.warc.gz", "b.warc.gz"]
+    # The same unit of work again (a re-run after a crash after the commit): nothing committed.
+    again = lake.append("t", df(spark, 0, 10), stage="extract", units=["a.warc.gz", "b.warc.gz"])
+    assert again.version is None and again.rows == 0
+    assert lake.read("t").count() == 10
+    assert lake.version("t") == 0
+    assert lake.pending_units("t", "extract", ["a.warc.gz", "c.warc.gz", "b.warc.gz"]) == ["c.warc.gz"]
+    # units are per stage
+    assert lake.pending_units("t", "download", ["a.warc.gz"]) == ["a.warc.gz"]
+    # a partial overlap is refused rather than half-duplicated
+    with pytest.raises(LakeError, match="already committed"):
+        lake.append("t", df(spark, 20, 2), stage="extract", units=["a.warc.gz", "c.warc.gz"])
+    assert lake.read("t").count() == 10
+
+
+def test_empty_write_still_records_units(spark, lake):
+    empty = spark.createDataFrame([], SCHEMA)
+    res = lake.append("t", empty, stage="extract", units=["empty.warc.gz"])
+    assert res.version == 0 and res.rows == 0
+    assert lake.read("t").count() == 0
+    assert lake.pending_units("t", "extract", ["empty.warc.gz"]) == []
+
+
+def test_schema_mismatch_is_a_clear_error(spark, lake):
+    lake.append("t", df(spark, 0, 3))
+    other = spark.createDataFrame([(1, "x")], "uid long, caption string")
+    with pytest.raises(SchemaMismatchError) as err:
+        lake.append("t", other)
+    msg = str(err.value)
+    assert "table 't'" in msg and "missing columns" in msg and "caption" in msg
+    wrong_type = spark.createDataFrame(
+        [(1, "u", "high", b"x", dt.datetime(2024, 1, 1))],
+        "uid long, url string, similarity string, image binary, fetched_at timestamp",
+    )
+    with pytest.raises(SchemaMismatchError, match="similarity"):
+        lake.append("t", wrong_type)
+    assert lake.read("t").count() == 3
+
+
+def test_commit_holds_file_stats(spark, lake):
+    lake.append("t", df(spark, 0, 10, parts=1))
+    stats = lake.file_stats("t")
+    assert len(stats) == 1
+    add = stats[0]
+    assert add["num_records"] == 10
+    assert add["min"]["uid"] == 0 and add["max"]["uid"] == 9
+    assert add["null_count"]["url"] == 0
+    assert add["min"]["url"] == "http://example.com/0.jpg"
+
+
+def test_read_outside_spark_identical(spark, lake):
+    import duckdb
+    import polars as pl
+    from deltalake import DeltaTable
+
+    lake.append("t", df(spark, 0, 20))
+    lake.append("t", df(spark, 20, 7))
+    spark_rows = sorted_rows(lake.read("t").select("uid", "url", "similarity", "image"))
+    dt_ = DeltaTable(lake.table_path("t"))
+    arrow = dt_.to_pyarrow_table()
+    assert arrow.num_rows == 27
+    arrow_rows = sorted(
+        (r["uid"], r["url"], r["similarity"], r["image"]) for r in arrow.to_pylist()
+    )
+    assert arrow_rows == spark_rows
+    pl_df = pl.read_delta(lake.table_path("t"))
+    assert sorted(pl_df["uid"].to_list()) == list(range(27))
+    ds = dt_.to_pyarrow_dataset()
+    con = duckdb.connect()
+    con.register("t", ds)
+    assert con.execute("select count(*), sum(uid) from t").fetchone() == (27, sum(range(27)))
+    # timestamps survive as UTC timestamps (TIMESTAMP_MICROS, not INT96 -> protocol stays 1/2)
+    assert pa.types.is_timestamp(arrow.schema.field("fetched_at").type)
+    assert dt_.protocol().min_reader_version == 1
+
+
+def test_sql_views(spark, lake):
+    lake.append("candidates", df(spark, 0, 5))
+    assert lake.register_views() == ["candidates"]
+    assert spark.sql("select count(*) c from candidates where uid >= 2").first().c == 3
+
+
+def test_bad_table_name(lake):
+    with pytest.raises(LakeError, match="table name"):
+        lake.table_path("../etc")
