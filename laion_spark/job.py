@@ -97,12 +97,26 @@ def run_command(module, args: argparse.Namespace) -> dict:
     """Run one command module with a fresh context; log and return its summary."""
     ctx = context_from_args(args)
     started = time.time()
-    summary = module.run(ctx, args) or {}
+    had_session = _active_session() is not None
+    try:
+        summary = module.run(ctx, args) or {}
+    finally:
+        # Stop only a session this command started (a test or notebook keeps its own).
+        if ctx._spark is not None and not had_session:
+            ctx._spark.stop()
     elapsed = time.time() - started
     log.info("%s finished in %.1fs: %s", args.command, elapsed, json.dumps(summary, default=str))
-    if ctx._spark is not None and not getattr(args, "keep_session", False):
-        ctx._spark.stop()
     return summary
+
+
+def _active_session():
+    import sys
+
+    if "pyspark" not in sys.modules:
+        return None
+    from pyspark.sql import SparkSession
+
+    return SparkSession.getActiveSession()
 
 
 def submit_main(command: str, argv: Optional[list[str]] = None) -> int:
