@@ -100,6 +100,7 @@ class DownloadConfig:
     encode_quality: int = 95
     decode_workers: int = 2
     retry_failed: bool = False
+    shards_per_commit: int = 8  # shards downloaded per Delta commit (the resume granularity)
 
 
 @dataclass
