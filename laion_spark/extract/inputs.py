@@ -1,0 +1,88 @@
+"""Which files an extract run reads: paths, globs, folders, fsspec URLs, Common Crawl listings.
+
+The resolved string of each file is its unit of work (the resume key), so local paths are made
+absolute: the same file named from two working directories is one unit.
+"""
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import random
+from urllib.parse import urlparse
+
+from laion_spark.config import ExtractConfig
+
+log = logging.getLogger(__name__)
+
+_ARCHIVE_SUFFIXES = (".warc", ".warc.gz", ".wat", ".wat.gz", ".warc.wat.gz", ".arc.gz")
+_GLOB_CHARS = set("*?[")
+
+
+def _is_remote(path: str) -> bool:
+    scheme = urlparse(path).scheme
+    return len(scheme) > 1 and scheme != "file"
+
+
+def is_listing(path: str) -> bool:
+    """A Common Crawl listing (`warc.paths.gz`, `wat.paths.gz`) or a plain text list of paths."""
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    return name.endswith((".paths.gz", ".paths", ".paths.txt"))
+
+
+def read_listing(path: str, prefix: str) -> list[str]:
+    """The file URLs of a listing: each line, prefixed when it is a bare crawl-data/ path."""
+    import fsspec
+
+    with fsspec.open(path, "rt", compression="infer", encoding="utf-8") as fh:
+        lines = [line.strip() for line in fh]
+    out = []
+    for line in lines:
+        if not line or line.startswith("#"):
+            continue
+        if _is_remote(line) or line.startswith("/"):
+            out.append(line)
+        else:
+            out.append(prefix.rstrip("/") + "/" + line.lstrip("/"))
+    return out
+
+
+def _expand(entry: str) -> list[str]:
+    if _is_remote(entry):
+        if _GLOB_CHARS & set(entry):
+            import fsspec
+
+            fs, _ = fsspec.core.url_to_fs(entry)
+            protocol = urlparse(entry).scheme
+            return sorted(f"{protocol}://{p}" if "://" not in p else p for p in fs.glob(entry))
+        return [entry]
+    local = entry[7:] if entry.startswith("file://") else entry
+    if _GLOB_CHARS & set(local):
+        return sorted(os.path.abspath(p) for p in glob.glob(local) if os.path.isfile(p))
+    if os.path.isdir(local):
+        return sorted(
+            os.path.abspath(os.path.join(local, n)) for n in os.listdir(local)
+            if n.endswith(_ARCHIVE_SUFFIXES) and os.path.isfile(os.path.join(local, n))
+        )
+    return [os.path.abspath(local)]
+
+
+def resolve_inputs(cfg: ExtractConfig) -> list[str]:
+    """The ordered, de-duplicated input files; with `sample_files`, a seeded sample without
+    replacement (cc2dataset samples with replacement, so it can read one WAT twice)."""
+    files: list[str] = []
+    for entry in cfg.inputs:
+        entry = entry.strip()
+        if not entry:
+            continue
+        if is_listing(entry):
+            files.extend(read_listing(entry, cfg.listing_prefix))
+        else:
+            expanded = _expand(entry)
+            if not expanded:
+                log.warning("extract input %s matches no file", entry)
+            files.extend(expanded)
+    files = list(dict.fromkeys(files))
+    if cfg.sample_files is not None and cfg.sample_files < len(files):
+        files = random.Random(cfg.sample_seed).sample(files, cfg.sample_files)
+    return files
