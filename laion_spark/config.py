@@ -66,6 +66,8 @@ class ExtractConfig:
     language_min_prob: float = 0.5
     batch_rows: int = 8192
     dedup_against_table: bool = True
+    max_url_length: int = 2048
+    warc_reader: str = "fastwarc"  # fastwarc | warcio (measured: see extract/README.md)
 
 
 @dataclass
@@ -126,6 +128,7 @@ class ScoreConfig:
 class IndexConfig:
     """faiss index parameters chosen from the vector count and a memory budget."""
 
+    table: str = "pairs"
     filter: str = "passes_filter"
     table_version: Optional[int] = None
     output: str = "./lake/_indices"
@@ -136,6 +139,11 @@ class IndexConfig:
     recall_queries: int = 1000
     seed: int = 0
     use_gpu: bool = False
+    opq: str = "auto"  # auto | on | off
+    ondisk_merge: str = "auto"  # auto (when the index is larger than merge_memory_gb) | always | never
+    merge_memory_gb: float = 16.0
+    rows_per_part: int = 1_000_000  # rows each executor task adds (a partial index per task)
+    modalities: list[str] = field(default_factory=lambda: ["image", "text"])
 
 
 @dataclass
