@@ -122,6 +122,10 @@ class ScoreConfig:
     watermark_head: Optional[str] = None
     toxic_head: Optional[str] = None
     preprocess_threads: int = 2
+    prefetch_batches: int = 2  # decoded batches queued ahead of the model
+    partitions: Optional[int] = None  # repartition the images rows (None: keep the read's split)
+    shards_per_commit: int = 64  # images shards scored and committed to pairs per Delta commit
+    load_log_dir: Optional[str] = None  # each executor process appends a line per model load (tests)
 
 
 @dataclass
