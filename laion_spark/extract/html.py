@@ -188,15 +188,30 @@ def extract_images(html_text: str) -> PageImages:
         chosen = choose_image_ref(attrs)
         if chosen is None:
             continue
-        images.append(ImageRef(chosen[0], chosen[1], attrs.get("alt"), attrs.get("title")))
+        images.append(ImageRef(chosen[0], chosen[1], _attr(attrs, "alt"), _attr(attrs, "title")))
     return PageImages(base_href, images)
+
+
+def _attr(attrs: dict, name: str) -> Optional[str]:
+    """An attribute's value; a bare attribute (`<img alt>`) is the empty string, as HTML5 says
+    (lexbor reports it as None, which would read as 'no alt')."""
+    value = attrs.get(name)
+    if value is None and name in attrs:
+        return ""
+    return value
 
 
 def extract_images_reference(html_text: str) -> PageImages:
     """The same extraction with BeautifulSoup + lxml: slow, independent, the tests' reference."""
-    from bs4 import BeautifulSoup
+    import warnings
 
-    soup = BeautifulSoup(html_text, "lxml")
+    from bs4 import BeautifulSoup, SoupStrainer, XMLParsedAsHTMLWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", XMLParsedAsHTMLWarning)
+        # lxml's HTML parser decides what is a comment or a script; the strainer only keeps
+        # the <img>/<base> elements it reports, which makes the reference ~3x faster.
+        soup = BeautifulSoup(html_text, "lxml", parse_only=SoupStrainer(["img", "base"]))
     base_href = None
     for node in soup.find_all("base"):
         if node.get("href") is not None:
