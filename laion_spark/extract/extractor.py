@@ -204,34 +204,59 @@ class FileCounts:
     drops: Counter = field(default_factory=Counter)
 
 
+# Column order of candidate rows as `FileExtractor._candidates` appends them.
+_CANDIDATE_FIELDS = ["uid", "url", "text", "title", "page_url", "language", "language_prob",
+                     "language_group", "source_file", "source_format", "record_offset",
+                     "url_source", "crawl", "fetch_time"]
+
+
 class _BatchBuilder:
+    """Columnar buffers: candidates go straight into per-column lists (no dict per row, the hot
+    path); the rare failure and file rows are kept as dicts. Flushes as OUTPUT_SCHEMA batches."""
+
     def __init__(self, batch_rows: int):
         self.batch_rows = batch_rows
-        self.cols: dict[str, list] = {f.name: [] for f in OUTPUT_SCHEMA}
-        self.n = 0
+        self.columns: list[list] = [[] for _ in _CANDIDATE_FIELDS]
+        self.other_rows: list[dict] = []
 
-    def add(self, row: dict) -> Optional[pa.RecordBatch]:
-        for name, values in self.cols.items():
-            values.append(row.get(name))
-        self.n += 1
-        if self.n >= self.batch_rows:
-            return self.flush()
-        return None
+    @property
+    def n(self) -> int:
+        return len(self.columns[0]) + len(self.other_rows)
 
-    def flush(self) -> Optional[pa.RecordBatch]:
-        if not self.n:
-            return None
-        batch = pa.RecordBatch.from_arrays(
-            [pa.array(self.cols[f.name], type=f.type) for f in OUTPUT_SCHEMA], schema=OUTPUT_SCHEMA)
-        self.cols = {f.name: [] for f in OUTPUT_SCHEMA}
-        self.n = 0
-        return batch
+    def add(self, row: dict) -> None:
+        self.other_rows.append(row)
+
+    def flush(self) -> list[pa.RecordBatch]:
+        out = []
+        n = len(self.columns[0])
+        if n:
+            by_name = dict(zip(_CANDIDATE_FIELDS, self.columns))
+            arrays = []
+            for f in OUTPUT_SCHEMA:
+                if f.name == "kind":
+                    arrays.append(pa.array([KIND_CANDIDATE] * n, type=f.type))
+                elif f.name == "fetch_time":  # microseconds since the epoch: no datetime per row
+                    arrays.append(pa.array(by_name[f.name], type=pa.int64()).cast(f.type))
+                elif f.name in by_name:
+                    arrays.append(pa.array(by_name[f.name], type=f.type))
+                else:
+                    arrays.append(pa.nulls(n, type=f.type))
+            out.append(pa.RecordBatch.from_arrays(arrays, schema=OUTPUT_SCHEMA))
+            self.columns = [[] for _ in _CANDIDATE_FIELDS]
+        if self.other_rows:
+            rows = self.other_rows
+            out.append(pa.RecordBatch.from_arrays(
+                [pa.array([r.get(f.name) for r in rows], type=f.type) for f in OUTPUT_SCHEMA],
+                schema=OUTPUT_SCHEMA))
+            self.other_rows = []
+        return out
 
 
 class FileExtractor:
     """Turns the records of one file into candidate and failure rows, counting as it goes."""
 
-    def __init__(self, source_file: str, cfg: ExtractConfig):
+    def __init__(self, source_file: str, cfg: ExtractConfig, builder: Optional[_BatchBuilder] = None):
+        self.builder = builder or _BatchBuilder(cfg.batch_rows)
         self.source_file = source_file
         self.cfg = cfg
         self.crawl = crawl_of(source_file, cfg.crawl)
@@ -263,22 +288,21 @@ class FileExtractor:
                 "error": error[:1000], "crawl": self.crawl,
                 "failed_at": dt.datetime.now(dt.timezone.utc)}
 
-    def process(self, rec: RawRecord) -> list[dict]:
-        """Candidate rows of one record ([] for records that hold no page)."""
+    def process(self, rec: RawRecord) -> None:
+        """Add the candidate rows of one record to the builder (none for records with no page)."""
         if rec.warc_type == "response" and self.want_warc and _is_http_record(rec):
-            return self._warc_response(rec)
-        if rec.warc_type == "metadata" and self.want_wat and "json" in (rec.content_type or "").lower():
-            return self._wat_metadata(rec)
-        return []
+            self._warc_response(rec)
+        elif rec.warc_type == "metadata" and self.want_wat and "json" in (rec.content_type or "").lower():
+            self._wat_metadata(rec)
 
-    def _warc_response(self, rec: RawRecord) -> list[dict]:
+    def _warc_response(self, rec: RawRecord) -> None:
         parsed = split_http_response(rec.block)
         if parsed is None:
             raise ValueError("malformed HTTP response header")
         status, headers, start = parsed
         content_type = headers.get("content-type")
         if not (200 <= status < 300) or not _looks_like_html(content_type, rec.block[start:]):
-            return []
+            return
         if not rec.target_uri:
             raise ValueError("HTML response without WARC-Target-URI")
         self.counts.n_html_pages += 1
@@ -290,15 +314,15 @@ class FileExtractor:
         page_url = rec.target_uri.strip()
         base = resolve_base(page_url, page.base_href)
         refs = [(img.ref, img.alt, img.title, img.source) for img in page.images]
-        return self._candidates(refs, base, page_url, rec, "warc")
+        self._candidates(refs, base, page_url, rec, "warc")
 
-    def _wat_metadata(self, rec: RawRecord) -> list[dict]:
+    def _wat_metadata(self, rec: RawRecord) -> None:
         block = rec.block
         if b'"HTML-Metadata"' not in block:
-            return []
+            return
         self.counts.n_html_pages += 1
         if b"IMG@" not in block:
-            return []
+            return
         start = block.find(b"{")
         doc = _loads(block[start:] if start > 0 else block)
         env = doc.get("Envelope") or {}
@@ -312,40 +336,58 @@ class FileExtractor:
         base = resolve_base(page_url, _first(head.get("Base")))
         refs = []
         for link in html_meta.get("Links") or ():
-            if not isinstance(link, dict) or _first(link.get("path")) != "IMG@/src":
+            # `path` is a plain string in every WAT version; only header values became lists.
+            if link.__class__ is not dict or link.get("path") != "IMG@/src":
                 continue
-            ref = _first(link.get("url"))
-            if not ref or not isinstance(ref, str):
+            ref = link.get("url")
+            if ref.__class__ is not str:
+                ref = _first(ref)
+                if not isinstance(ref, str):
+                    continue
+            if not ref:
                 continue
-            refs.append((ref, _first(link.get("alt")), _first(link.get("title")), "wat"))
+            alt = link.get("alt")
+            title = link.get("title")
+            refs.append((ref, alt if alt.__class__ is str else _first(alt),
+                         title if title is None or title.__class__ is str else _first(title), "wat"))
         date = _first(header_meta.get("WARC-Date")) or rec.date
-        return self._candidates(refs, base, page_url, rec, "wat", date)
+        self._candidates(refs, base, page_url, rec, "wat", date)
 
     def _candidates(self, refs: list, base: str, page_url: str, rec: RawRecord, fmt: str,
-                    date: Optional[str] = None) -> list[dict]:
+                    date: Optional[str] = None) -> None:
         counts, rules = self.counts, self.rules
-        fetch_time = parse_warc_date(date or rec.date)
-        rows = []
+        when = parse_warc_date(date or rec.date)
+        fetch_time = None if when is None else int(when.timestamp() * 1_000_000)
+        (c_uid, c_url, c_text, c_title, c_page, c_lang, c_prob, c_group, c_file, c_fmt, c_off,
+         c_src, c_crawl, c_time) = self.builder.columns
+        check_text, check_url, identify = rules.check_text, rules.check_url, self.lang.identify
+        drops = counts.drops
         for ref, alt, title, source in refs:
             counts.n_images += 1
             if alt is not None and alt.strip():
                 counts.n_with_alt += 1
-            text, reason = rules.check_text(alt if isinstance(alt, str) else None)
+            text, reason = check_text(alt if isinstance(alt, str) else None)
             if reason is None:
-                url, reason = rules.check_url(base, ref)
+                url, reason = check_url(base, ref)
             if reason is not None:
-                counts.drops[reason] += 1
+                drops[reason] += 1
                 continue
-            language, prob, group = self.lang.identify(text)
+            language, prob, group = identify(text)
             counts.n_kept += 1
-            rows.append({
-                "kind": KIND_CANDIDATE, "uid": uid_of(url, text), "url": url, "text": text,
-                "title": normalise_title(title), "page_url": page_url, "language": language,
-                "language_prob": prob, "language_group": group, "source_file": self.source_file,
-                "source_format": fmt, "record_offset": rec.offset, "url_source": source,
-                "crawl": self.crawl, "fetch_time": fetch_time,
-            })
-        return rows
+            c_uid.append(uid_of(url, text))
+            c_url.append(url)
+            c_text.append(text)
+            c_title.append(normalise_title(title))
+            c_page.append(page_url)
+            c_lang.append(language)
+            c_prob.append(prob)
+            c_group.append(group)
+            c_file.append(self.source_file)
+            c_fmt.append(fmt)
+            c_off.append(rec.offset)
+            c_src.append(source)
+            c_crawl.append(self.crawl)
+            c_time.append(fetch_time)
 
     def file_row(self, seconds: float) -> dict:
         c = self.counts
@@ -376,20 +418,15 @@ def extract_file_batches(path: str, cfg: ExtractConfig) -> Iterator[pa.RecordBat
     Never raises for bad input: a file that cannot even be opened gives one failure row and a
     file row with zero counts (so a re-run does not retry a file that is simply broken)."""
     started = time.perf_counter()
-    extractor = FileExtractor(path, cfg)
     builder = _BatchBuilder(cfg.batch_rows)
+    extractor = FileExtractor(path, cfg, builder)
     counts = extractor.counts
     try:
         stream = open_input(path)
     except Exception as exc:  # noqa: BLE001
-        row = extractor.failure_row(-1, f"cannot open: {type(exc).__name__}: {exc}")
-        for r in (row, extractor.file_row(time.perf_counter() - started)):
-            batch = builder.add(r)
-            if batch is not None:
-                yield batch
-        last = builder.flush()
-        if last is not None:
-            yield last
+        builder.add(extractor.failure_row(-1, f"cannot open: {type(exc).__name__}: {exc}"))
+        builder.add(extractor.file_row(time.perf_counter() - started))
+        yield from builder.flush()
         return
     try:
         try:
@@ -399,32 +436,30 @@ def extract_file_batches(path: str, cfg: ExtractConfig) -> Iterator[pa.RecordBat
         except Exception:  # noqa: BLE001 - size unknown for some streams
             counts.n_bytes = -1
         max_bytes = max(cfg.max_html_bytes, 64 << 20) if extractor.want_wat else cfg.max_html_bytes
+        batch_rows = cfg.batch_rows
         for item in iter_records(stream, reader=cfg.warc_reader, wants_body=extractor.wants_body,
                                  max_bytes=max_bytes):
             if isinstance(item, ReadFailure):
-                rows = [extractor.failure_row(item.offset, item.error)]
+                builder.add(extractor.failure_row(item.offset, item.error))
             else:
                 counts.n_records += 1
+                mark = len(builder.columns[0])
                 try:
-                    rows = extractor.process(item)
+                    extractor.process(item)
                 except Exception as exc:  # noqa: BLE001 - a bad record never stops the file
-                    rows = [extractor.failure_row(item.offset, f"{type(exc).__name__}: {exc}")]
-            for row in rows:
-                batch = builder.add(row)
-                if batch is not None:
-                    yield batch
+                    for col in builder.columns:  # drop a half-added record's rows
+                        del col[mark:]
+                    builder.add(extractor.failure_row(item.offset, f"{type(exc).__name__}: {exc}"))
+            if builder.n >= batch_rows:
+                yield from builder.flush()
     finally:
         stream.close()
     seconds = time.perf_counter() - started
     log.info("%s: %d records, %d HTML pages, %d images, %d with alt, %d kept, %d failures (%.2fs)",
              path, counts.n_records, counts.n_html_pages, counts.n_images, counts.n_with_alt,
              counts.n_kept, counts.n_failures, seconds)
-    batch = builder.add(extractor.file_row(seconds))
-    if batch is not None:
-        yield batch
-    last = builder.flush()
-    if last is not None:
-        yield last
+    builder.add(extractor.file_row(seconds))
+    yield from builder.flush()
 
 
 def extract_file_table(path: str, cfg: ExtractConfig) -> pa.Table:

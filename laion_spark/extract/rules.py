@@ -47,6 +47,16 @@ def uid_of(url: str, text: str) -> int:
     return mmh3.hash64(url + text)[0]
 
 
+def _first_of(text: str, chars: str, start: int) -> int:
+    """Index of the first of `chars` in text[start:], or len(text)."""
+    end = len(text)
+    for c in chars:
+        i = text.find(c, start, end)
+        if i >= 0:
+            end = i
+    return end
+
+
 @dataclass
 class Accepted:
     url: str
@@ -60,6 +70,7 @@ class CandidateRules:
         self.cfg = cfg
         self.schemes = {s.lower() for s in cfg.allowed_schemes}
         self.extensions = [e.lower() for e in cfg.drop_extensions]
+        self.fast_http = {"http", "https"} <= self.schemes
 
     def check_url(self, base: str, ref: str) -> tuple[Optional[str], Optional[str]]:
         """(absolute URL, None) when the reference is a usable image URL, else (None, reason)."""
@@ -67,14 +78,24 @@ class CandidateRules:
         low = ref[:11].lower()
         if low.startswith(("data:", "javascript:")):
             return None, DROP_SCHEME
-        try:
-            url = urljoin(base, ref)
-            parts = urlsplit(url)
-            hostname = parts.hostname or ""
-        except ValueError:  # e.g. an invalid IPv6 literal "http://[::1"
-            return None, DROP_INVALID_URL
-        if parts.scheme.lower() not in self.schemes:
-            return None, DROP_SCHEME
+        hostname = None
+        if low.startswith(("http://", "https://")) and self.fast_http:
+            # Already absolute: urljoin would hand it back unchanged; read the host by hand.
+            url = ref
+            scheme_end = url.index("//") + 2
+            slash = _first_of(url, "/?#", scheme_end)
+            netloc = url[scheme_end:slash]
+            if "[" not in netloc:
+                hostname = netloc.rpartition("@")[2].partition(":")[0].lower()
+        if hostname is None:
+            try:
+                url = urljoin(base, ref)
+                parts = urlsplit(url)
+                hostname = parts.hostname or ""
+            except ValueError:  # e.g. an invalid IPv6 literal "http://[::1"
+                return None, DROP_INVALID_URL
+            if parts.scheme.lower() not in self.schemes:
+                return None, DROP_SCHEME
         if not hostname:
             return None, DROP_INVALID_URL
         low_url = url.lower()
