@@ -86,7 +86,7 @@ def test_every_misbehaviour_ends_in_its_row_within_the_deadline(server):
     urls = [server.base + p for p in MISBEHAVING]
     tracemalloc.start()
     started = time.monotonic()
-    rows = _run(urls, _cfg())
+    rows = _run(urls, _cfg(threads_per_task=len(urls)))  # all start at once: each gets its own deadline
     elapsed = time.monotonic() - started
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
@@ -101,8 +101,9 @@ def test_every_misbehaviour_ends_in_its_row_within_the_deadline(server):
             assert row["image_bytes_sha256"] and row["shard"] == 7
         else:
             assert row["image"] is None and row["width"] is None
-    # The drip and the stalled headers are cut by the total deadline, not by the read timeout.
-    assert elapsed < DEADLINE + 2.0, elapsed
+    # The drip (hours at 1 byte/s) and the stalled headers are cut by the total deadline, not by
+    # the read timeout; the margin covers a loaded 2-core CI machine and tracemalloc's overhead.
+    assert elapsed < 2 * DEADLINE + 2.0, elapsed
     # The endless body is capped at max_bytes: nothing near unbounded was held in memory.
     assert peak < 60_000_000, peak
     assert _download_threads() == [], "no downloader thread is left behind"

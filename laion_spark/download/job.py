@@ -151,13 +151,13 @@ def _counts(lake, shards: list[int]) -> dict:
     df = lake.read(IMAGES).select("status", "error", "shard")
     if shards:
         df = df.filter(F.col("shard").between(min(shards), max(shards)))
-    out = {"success": 0, "failed": 0, "skipped": 0}
-    for row in df.groupBy("status").count().collect():
-        out[row["status"]] = int(row["count"])
-    codes = (df.filter(F.col("error").isNotNull())
-             .groupBy(F.split("error", ":").getItem(0).alias("code")).count()
-             .orderBy(F.desc("count")).limit(12).collect())
-    out["errors"] = {r["code"]: int(r["count"]) for r in codes}
+    out: dict = {"success": 0, "failed": 0, "skipped": 0, "errors": {}}
+    code = F.split("error", ":").getItem(0).alias("code")
+    for row in df.groupBy("status", code).count().collect():  # one pass for both tallies
+        out[row["status"]] = out.get(row["status"], 0) + int(row["count"])
+        if row["code"] is not None:
+            out["errors"][row["code"]] = out["errors"].get(row["code"], 0) + int(row["count"])
+    out["errors"] = dict(sorted(out["errors"].items(), key=lambda kv: -kv[1]))
     return out
 
 
