@@ -208,10 +208,14 @@ def _features(out) -> torch.Tensor:
 
 def train_demo_clip(out_dir: str | os.PathLike, seed: int = 0, train_steps: int = 300,
                     max_train_seconds: float = 240.0, n_train_images: int = 2400, batch_size: int = 64, multilingual: bool = True,
-                    distill_seconds: float = 12.0, threads: Optional[int] = None,
+                    distill_steps: int = 150, threads: Optional[int] = 1,
                     reuse: bool = True, image_size: int = DEMO_IMAGE_SIZE, patch_size: int = 8,
-                    hidden: int = 128) -> DemoClipResult:
-    """Train (or reuse, when `out_dir` already holds one) the demo CLIP and save it there."""
+                    hidden: int = 64) -> DemoClipResult:
+    """Train (or reuse, when `out_dir` already holds one) the demo CLIP and save it there.
+
+    A fixed number of steps (not seconds), so the same seed gives the same model on a busy or an
+    idle machine; one torch thread by default because a shared 2-core box slows multi-threaded
+    small matmuls down several-fold."""
     out = Path(out_dir)
     info_path = out / INFO_FILE
     if reuse and info_path.exists() and (out / "config.json").exists():
@@ -291,16 +295,16 @@ def train_demo_clip(out_dir: str | os.PathLike, seed: int = 0, train_steps: int 
     CLIPImageProcessorPil(size={"shortest_edge": image_size},
                           crop_size={"height": image_size, "width": image_size}).save_pretrained(out)
 
-    mclip_path, mclip_auc, distill_steps = None, None, 0
+    mclip_path, mclip_auc, distilled = None, None, 0
     if multilingual:
-        mclip, distill_steps = _distill_mclip(model, tokenizer, rng, distill_seconds, batch_size * 2)
+        mclip, distilled = _distill_mclip(model, tokenizer, rng, distill_steps, batch_size * 2)
         mclip_sims = _similarities_plain(model, tokenizer, h_crops, h_texts, spec, mclip=mclip)
         mclip_auc = _auc(mclip_sims[h_labels == 1], mclip_sims[h_labels == 0])
         mclip_path = str(out / "multilingual")
         mclip.save_pretrained(mclip_path)
         tokenizer.save_pretrained(mclip_path)
-        log.info("demo M-CLIP: %d distillation steps, held-out AUC %.3f", distill_steps, mclip_auc)
-    result = DemoClipResult(str(out), mclip_path, steps, round(train_s, 1), distill_steps, round(auc, 4),
+        log.info("demo M-CLIP: %d distillation steps, held-out AUC %.3f", distilled, mclip_auc)
+    result = DemoClipResult(str(out), mclip_path, steps, round(train_s, 1), distilled, round(auc, 4),
                             None if mclip_auc is None else round(mclip_auc, 4))
     info_path.write_text(json.dumps(asdict(result), indent=1))
     log.info("demo CLIP saved to %s in %.0fs", out, time.time() - started)
@@ -321,18 +325,18 @@ def _similarities_plain(model, tokenizer, crops: np.ndarray, texts: list[str], s
     return (img * F.normalize(txt, dim=-1)).sum(-1).numpy()
 
 
-def _distill_mclip(model, tokenizer, rng: random.Random, seconds: float, batch_size: int):
+def _distill_mclip(model, tokenizer, rng: random.Random, n_steps: int, batch_size: int):
     """M-CLIP's recipe on parallel captions: student(translation) -> teacher(English caption)."""
     from laion_spark.demo import text as T
     from laion_spark.demo.scenes import LANGUAGES, describe_scene, random_scene
 
-    mclip = build_mclip(len(tokenizer), model.config.projection_dim, max_positions=MAX_TEXT_TOKENS,
-                        pad_token_id=PAD_ID)
+    mclip = build_mclip(len(tokenizer), model.config.projection_dim, hidden=model.config.text_config.hidden_size,
+                        max_positions=MAX_TEXT_TOKENS, pad_token_id=PAD_ID)
     opt = torch.optim.AdamW(mclip.parameters(), lr=2e-3)
     model.eval()
     generic_en = T.GENERIC_ALTS["en"]
     steps, t0 = 0, time.time()
-    while time.time() - t0 < seconds:
+    while steps < n_steps:
         en, other = [], []
         for _ in range(batch_size):
             if rng.random() < 0.1:  # generic alts map to where CLIP puts them
