@@ -1,0 +1,165 @@
+"""Index parameters from the vector count, the dimension and a memory budget.
+
+Why our own chooser rather than autofaiss's: the same inputs (N, d, bytes), but faiss's own
+guidelines for the cluster count, exact (non-HNSW) IVF-Flat or SQ8 when the budget holds them,
+OPQ only where a sub-quantizer covers several dimensions, and every decision written down as a
+reason that is saved next to the index.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+ID_BYTES = 8  # an int64 id per vector in every inverted list
+PQ_CANDIDATES = (256, 192, 128, 96, 64, 48, 32, 24, 16, 8, 4)
+MIN_POINTS_PER_CENTROID = 39  # below this faiss's k-means warns: too few points per centroid
+MAX_POINTS_PER_CENTROID = 256  # above this faiss subsamples anyway
+HNSW_QUANTIZER_FROM = 65_536  # an HNSW32 coarse quantizer from this many lists (faiss wiki)
+OPQ_MIN_DIMS = 8  # OPQ when a sub-quantizer covers ≥ 8 dims (measured: OPQ48 on 512-d trains 15× slower than IVF)
+
+
+class IndexParamsError(ValueError):
+    """No index of the supported families fits the memory budget."""
+
+
+@dataclass
+class IndexParams:
+    """What the chooser picked and why; saved as index_params.json next to the index."""
+
+    index_key: str
+    n_vectors: int
+    dim: int
+    budget_bytes: int
+    nlist: int
+    code_bytes: int
+    opq: bool
+    train_size: int
+    estimated_bytes: int
+    metric: str = "inner_product"
+    nprobe: Optional[int] = None
+    reasons: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def nlist_for(n: int) -> tuple[int, str]:
+    """faiss's guideline: 4√N–16√N lists under 1M vectors (we take the lowest power of two in
+    that band: fewer centroids train faster on CPU and probe more vectors per list), then
+    65,536 / 262,144 / 1,048,576 for 1M–10M / 10M–100M / beyond."""
+    if n <= 1_000_000:
+        k = 2 ** math.ceil(math.log2(max(1.0, 4 * math.sqrt(n))))
+        reason = f"N={n:,} ≤ 1M: nlist = smallest power of 2 ≥ 4√N ({4 * math.sqrt(n):,.0f}) = {k:,}"
+        cap = max(1, n // MIN_POINTS_PER_CENTROID)
+        if k > cap:
+            reason += f", capped to N/{MIN_POINTS_PER_CENTROID} = {cap:,} so k-means has enough points"
+            k = cap
+        return k, reason
+    if n <= 10_000_000:
+        return 65_536, f"1M < N={n:,} ≤ 10M: nlist 65,536 (faiss guideline, HNSW32 quantizer)"
+    if n <= 100_000_000:
+        return 262_144, f"10M < N={n:,} ≤ 100M: nlist 262,144 (faiss guideline, HNSW32 quantizer)"
+    return 1_048_576, f"N={n:,} > 100M: nlist 1,048,576 (faiss guideline, HNSW32 quantizer)"
+
+
+def _fixed_bytes(nlist: int, dim: int, opq_dim: int = 0) -> int:
+    """Centroids, the HNSW graph over them, the OPQ matrix: what the index costs besides codes."""
+    b = nlist * dim * 4
+    if nlist >= HNSW_QUANTIZER_FROM:
+        b += nlist * 32 * 2 * 4
+    if opq_dim:
+        b += dim * opq_dim * 4
+    return b
+
+
+def _ivf(nlist: int) -> str:
+    return f"IVF{nlist}_HNSW32" if nlist >= HNSW_QUANTIZER_FROM else f"IVF{nlist}"
+
+
+def choose_params(n: int, dim: int, budget_bytes: int, samples_per_cluster: int = 64,
+                  index_key: Optional[str] = None, opq: str = "auto") -> IndexParams:
+    """The best index of IVF-Flat > IVF-SQ8 > IVF-(OPQ)PQ{M} that fits `budget_bytes`.
+
+    Bytes per vector: Flat 4d+8, SQ8 d+8, PQ M+8 (faiss stores an int64 id per vector).
+    PQ takes the largest M of PQ_CANDIDATES that fits, with M ≤ d/2 and M dividing d (or the
+    OPQ output dimension). OPQ ("auto") when each sub-quantizer covers ≥ 8 dimensions, where a
+    learned rotation balances the variance across sub-spaces; not for smaller sub-spaces,
+    where it costs a d×d training loop for little gain.
+    """
+    if n <= 0:
+        raise IndexParamsError("no vectors to index (the filter kept no rows with embeddings)")
+    reasons: list[str] = []
+    nlist, why = nlist_for(n)
+    reasons.append(why)
+    spc = min(max(samples_per_cluster, 30), MAX_POINTS_PER_CENTROID)
+    train_size = min(n, max(spc * nlist, 256 * 40))
+    reasons.append(
+        f"train on a uniform random sample of {train_size:,} vectors "
+        f"({spc} per cluster, faiss wants 30–256; at least 10,240 for the PQ codebooks)"
+    )
+    if index_key:
+        m = re.search(r"IVF(\d+)", index_key)
+        forced_nlist = int(m.group(1)) if m else 1
+        code = _code_bytes_of(index_key, dim)
+        est = n * (code + ID_BYTES) + _fixed_bytes(forced_nlist, dim)
+        reasons.insert(0, f"index_key forced by config: {index_key}")
+        return IndexParams(index_key, n, dim, budget_bytes, forced_nlist, code, "OPQ" in index_key,
+                           min(n, max(spc * forced_nlist, 256 * 40)), est, reasons=reasons)
+
+    ivf = _ivf(nlist)
+    candidates: list[tuple[str, int, bool, int]] = [
+        (f"{ivf},Flat", 4 * dim, False, 0),
+        (f"{ivf},SQ8", dim, False, 0),
+    ]
+    for m in PQ_CANDIDATES:
+        if m > dim // 2:
+            continue
+        use_opq = (opq == "on") or (opq == "auto" and dim // m >= OPQ_MIN_DIMS)
+        if use_opq:
+            opq_dim = (dim // m) * m
+            key = f"OPQ{m}_{opq_dim},{ivf},PQ{m}"
+        else:
+            if dim % m:
+                continue
+            opq_dim = 0
+            key = f"{ivf},PQ{m}"
+        candidates.append((key, m, use_opq, opq_dim))
+
+    for key, code, use_opq, opq_dim in candidates:
+        est = n * (code + ID_BYTES) + _fixed_bytes(nlist, dim, opq_dim)
+        if est <= budget_bytes:
+            per_vec = code + ID_BYTES
+            reasons.append(
+                f"{key}: {per_vec} B/vector × {n:,} + {_fixed_bytes(nlist, dim, opq_dim):,} B "
+                f"(centroids{', HNSW' if nlist >= HNSW_QUANTIZER_FROM else ''}"
+                f"{', OPQ matrix' if opq_dim else ''}) = {est:,} B ≤ budget {budget_bytes:,} B: "
+                f"the most accurate code that fits"
+            )
+            if "PQ" in key:
+                reasons.append("OPQ rotation: each sub-quantizer covers ≥ 8 dims" if use_opq
+                               else "no OPQ: sub-quantizers of < 8 dims gain little from rotation")
+            reasons.append("inner-product metric on L2-normalised vectors (cosine similarity)")
+            return IndexParams(key, n, dim, budget_bytes, nlist, code, use_opq, train_size, est,
+                               reasons=reasons)
+        reasons.append(f"{key}: {est:,} B > budget {budget_bytes:,} B")
+    raise IndexParamsError(
+        f"no index fits {budget_bytes:,} bytes for {n:,} × {dim}-d vectors "
+        f"(the smallest, {candidates[-1][0]}, needs "
+        f"{n * (candidates[-1][1] + ID_BYTES) + _fixed_bytes(nlist, dim, candidates[-1][3]):,}); "
+        f"raise index.memory_budget_gb"
+    )
+
+
+def _code_bytes_of(index_key: str, dim: int) -> int:
+    """Bytes per vector of a forced index_key (for the size estimate only)."""
+    m = re.search(r"PQ(\d+)(?:x(\d+))?", index_key.split(",")[-1])
+    if m:
+        bits = int(m.group(2) or 8)
+        return int(m.group(1)) * bits // 8
+    if "SQ8" in index_key:
+        return dim
+    if "SQ4" in index_key:
+        return dim // 2
+    return 4 * dim

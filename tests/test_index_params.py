@@ -1,0 +1,53 @@
+"""Index parameter choice from N, d and the memory budget (pure Python, no faiss training)."""
+import pytest
+
+from laion_spark.index.params import IndexParamsError, choose_params, nlist_for
+
+MB = 1024 ** 2
+
+
+def test_nlist_follows_faiss_guidelines():
+    assert nlist_for(100_000)[0] == 2048  # 4√N = 1265 → 2048 (≤ 16√N = 5060)
+    assert nlist_for(1_000_000)[0] == 4096
+    assert nlist_for(5_000_000)[0] == 65_536
+    assert nlist_for(50_000_000)[0] == 262_144
+    assert nlist_for(2_000_000_000)[0] == 1_048_576
+    k, why = nlist_for(2_000)
+    assert k == 2_000 // 39 and "capped" in why
+
+
+def test_budget_decides_the_code():
+    n, d = 100_000, 512
+    flat = choose_params(n, d, 1024 * MB)
+    assert flat.index_key == "IVF2048,Flat"
+    sq8 = choose_params(n, d, 60 * MB)
+    assert sq8.index_key == "IVF2048,SQ8"
+    pq = choose_params(n, d, 11 * MB)
+    # PQ64 needs 100k × 72 B + 4 MiB centroids + 1 MiB OPQ = 12.4 MB > 11 MiB; PQ48 fits
+    assert pq.index_key == "OPQ48_480,IVF2048,PQ48"
+    assert pq.estimated_bytes <= 11 * MB
+    assert any("budget" in r for r in pq.reasons)
+    assert pq.train_size == min(100_000, 64 * 2048)
+
+
+def test_large_n_uses_hnsw_quantizer_and_opq_rule():
+    p = choose_params(5_000_000, 768, 400 * 1024 * MB)
+    assert p.index_key.startswith("OPQ") or "SQ8" in p.index_key or "Flat" in p.index_key
+    assert "IVF65536_HNSW32" in p.index_key
+    small = choose_params(5_000_000, 768, int(5_000_000 * 72 + 300 * MB))
+    assert small.index_key == "OPQ64_768,IVF65536_HNSW32,PQ64"
+    no_opq = choose_params(5_000_000, 768, int(5_000_000 * 72 + 300 * MB), opq="off")
+    assert no_opq.index_key == "IVF65536_HNSW32,PQ64"
+
+
+def test_nothing_fits_is_a_clear_error():
+    with pytest.raises(IndexParamsError, match="memory_budget_gb"):
+        choose_params(10_000_000, 512, 10 * MB)
+    with pytest.raises(IndexParamsError, match="no vectors"):
+        choose_params(0, 512, 10 * MB)
+
+
+def test_forced_key_is_kept_and_explained():
+    p = choose_params(100_000, 64, 10 * MB, index_key="IVF256,PQ16x4fs")
+    assert p.index_key == "IVF256,PQ16x4fs" and p.nlist == 256 and p.code_bytes == 8
+    assert "forced" in p.reasons[0]
