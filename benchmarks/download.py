@@ -1,6 +1,6 @@
 """Download stage vs img2dataset: same loopback image server, same URL list, one run each.
 
-    .venv/bin/python benchmarks/download.py [--urls 4000] [--threads 32] [--processes 2]
+    .venv/bin/python benchmarks/download.py [--urls 10000] [--threads 32] [--processes 2]
 
 What it does:
   1. draws a set of realistic JPEGs of mixed sizes (smooth photographic content, 320 px to
@@ -14,10 +14,12 @@ What it does:
      resize_mode=border, image_size=256, encode_format=jpg, encode_quality=95, parquet output;
   4. prints images/s and CPU seconds per image for each, and the ratio of images per CPU-second.
 
-CPU accounting: img2dataset = the whole subprocess tree (getrusage of children); ours = the
-download phase inside a warm Spark session (driver Python + the JVM's process tree, from
-/proc), and separately the cold end-to-end figure with the JVM start-up included. The image
-server's CPU is in neither.
+CPU accounting: img2dataset = the whole subprocess tree (getrusage of children), its own start-up
+included. Ours = two runs of the job in one session: cold (the JVM start with the driver's
+imports, then the first job) and warm (the same job again on a fresh `images` table); each split
+into driver Python / the JVM itself / the Python workers under the JVM (from /proc), and by job
+phase (the job logs a `phase` record at each boundary). `--job-module` runs another job.py (on
+PYTHONPATH) for a before/after. The image server's CPU is in neither.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -197,8 +200,73 @@ def jvm_pid(spark) -> int:
     return int(spark.sparkContext._jvm.java.lang.ProcessHandle.current().pid())
 
 
-# --------------------------------------------------------------------------- runs
+@dataclass
+class CpuSplit:
+    """CPU seconds of the driver Python, the JVM itself, and the Python workers under the JVM."""
+
+    driver: float = 0.0
+    jvm: float = 0.0
+    workers: float = 0.0
+
+    @classmethod
+    def now(cls, jvm: int) -> "CpuSplit":
+        own = _proc_cpu(jvm, with_children=False)
+        return cls(sum(os.times()[:2]), own, tree_cpu(jvm) - own)
+
+    def __sub__(self, other: "CpuSplit") -> "CpuSplit":
+        return CpuSplit(self.driver - other.driver, self.jvm - other.jvm, self.workers - other.workers)
+
+    def __add__(self, other: "CpuSplit") -> "CpuSplit":
+        return CpuSplit(self.driver + other.driver, self.jvm + other.jvm, self.workers + other.workers)
+
+    @property
+    def total(self) -> float:
+        return self.driver + self.jvm + self.workers
+
+    def as_dict(self) -> dict:
+        return {"driver": round(self.driver, 2), "jvm": round(self.jvm, 2), "workers": round(self.workers, 2),
+                "total": round(self.total, 2)}
+
+
+class PhaseCpu(logging.Handler):
+    """Snapshots the CPU split at each `phase` log record of the download job: CPU per phase."""
+
+    def __init__(self, jvm: int) -> None:
+        super().__init__()
+        self.jvm = jvm
+        self.reset()
+
+    def reset(self) -> None:
+        self.last = CpuSplit.now(self.jvm)
+        self.phases: dict[str, CpuSplit] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        phase = getattr(record, "phase", None)
+        if phase is None:
+            return
+        now = CpuSplit.now(self.jvm)
+        self.phases[phase] = self.phases.get(phase, CpuSplit()) + (now - self.last)
+        self.last = now
+
+
+def _one_job(spark, cfg, lake, jvm: int, phases: PhaseCpu, job_module: str) -> dict:
+    import importlib
+
+    run_download = importlib.import_module(job_module).run_download
+    shutil.rmtree(lake.table_path("images"), ignore_errors=True)
+    phases.reset()
+    cpu0 = CpuSplit.now(jvm)
+    started = time.time()
+    summary = run_download(spark, cfg, lake)
+    wall = time.time() - started
+    cpu = CpuSplit.now(jvm) - cpu0
+    return {"summary": summary, "wall_s": wall, "cpu": cpu,
+            "phases": {k: v.as_dict() for k, v in phases.phases.items()}}
+
+
 def run_ours(rows: list[tuple[str, str]], args) -> dict:
+    """Two runs of the job in one session: the first right after the JVM start (cold), then the
+    same job again on a fresh `images` table (warm JIT, Python workers reused)."""
     import datetime as dt
 
     import mmh3
@@ -206,14 +274,16 @@ def run_ours(rows: list[tuple[str, str]], args) -> dict:
     sys.path.insert(0, str(REPO))
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     from laion_spark.config import Config, DownloadConfig, LakeConfig, SparkConfig
-    from laion_spark.download.job import run_download
     from laion_spark.lake import Lake
     from laion_spark.spark import build_spark_session
 
     cold_started = time.time()
-    cold_cpu0 = sum(os.times()[:2])
+    cpu_before_jvm = sum(os.times()[:2])
     spark = build_spark_session(SparkConfig(master=f"local[{args.processes}]", shuffle_partitions=args.processes,
                                             driver_memory="4g", log_level="ERROR", app_name="bench-download"))
+    jvm = jvm_pid(spark)
+    start_cpu = sum(os.times()[:2]) - cpu_before_jvm + tree_cpu(jvm)
+    start_wall = time.time() - cold_started
     lake_root = OUT / "lake"
     shutil.rmtree(lake_root, ignore_errors=True)
     lake = Lake(spark, LakeConfig(root=str(lake_root)))
@@ -229,22 +299,29 @@ def run_ours(rows: list[tuple[str, str]], args) -> dict:
         ("fetch_time", T.TimestampType())]])
     lake.append("candidates", spark.createDataFrame(data, schema), stage="bench", units=["urls"])
     cfg = Config()
+    n_tasks = args.tasks or 2 * args.processes
     cfg.download = DownloadConfig(
-        threads_per_task=args.threads, shard_size=math.ceil(len(rows) / (2 * args.processes)),
-        shards_per_commit=2 * args.processes, allow_loopback=True, per_host_concurrency=args.threads,
+        threads_per_task=args.threads, shard_size=math.ceil(len(rows) / n_tasks),
+        shards_per_commit=n_tasks, allow_loopback=True, per_host_concurrency=args.threads,
         resize_mode="border", image_size=256, output_format="jpg", encode_quality=95,
-        read_timeout_s=10.0, total_deadline_s=20.0, retries=0, decode_workers=args.decode_workers)
-    jvm = jvm_pid(spark)
-    warm_cpu0 = sum(os.times()[:2]) + tree_cpu(jvm)
-    started = time.time()
-    summary = run_download(spark, cfg, lake)
-    wall = time.time() - started
-    warm_cpu = sum(os.times()[:2]) + tree_cpu(jvm) - warm_cpu0
-    cold_cpu = sum(os.times()[:2]) + tree_cpu(jvm) - cold_cpu0
-    cold_wall = time.time() - cold_started
+        read_timeout_s=10.0, total_deadline_s=20.0, retries=0, decode_workers=args.decode_workers,
+        compression=args.compression)
+    phases = PhaseCpu(jvm)
+    logging.getLogger("laion_spark.download.job").addHandler(phases)
+    if args.job_module != "laion_spark.download.job":  # an older job.py, to measure a change
+        cfg.download = replace(cfg.download, compression="zstd")
+    cold = _one_job(spark, cfg, lake, jvm, phases, args.job_module)
+    warm = _one_job(spark, cfg, lake, jvm, phases, args.job_module)
     spark.stop()
-    return {"success": summary["success"], "rows": summary["pending_rows"], "wall_s": wall, "cpu_s": warm_cpu,
-            "cold_wall_s": cold_wall, "cold_cpu_s": cold_cpu, "errors": summary.get("errors")}
+    for name, run in (("cold", cold), ("warm", warm)):
+        log.info("%s run CPU by process: %s; by phase: %s", name, run["cpu"].as_dict(), run["phases"])
+    s = warm["summary"]
+    return {"success": s["success"], "rows": s["pending_rows"], "wall_s": warm["wall_s"],
+            "cpu_s": warm["cpu"].total, "cpu_split": warm["cpu"].as_dict(), "phases": warm["phases"],
+            "cold_wall_s": start_wall + cold["wall_s"], "cold_cpu_s": start_cpu + cold["cpu"].total,
+            "cold_cpu_split": cold["cpu"].as_dict(), "cold_phases": cold["phases"],
+            "jvm_start_cpu_s": start_cpu, "cold_success": cold["summary"]["success"],
+            "errors": s.get("errors"), "job_phases_s": s.get("phases")}
 
 
 def ensure_peer() -> Path:
@@ -271,7 +348,7 @@ def run_img2dataset(rows: list[tuple[str, str]], args) -> dict:
            "--caption_col", "caption", "--output_format", "parquet", "--output_folder", str(folder / "out"),
            "--processes_count", str(args.processes), "--thread_count", str(args.threads),
            "--image_size", "256", "--resize_mode", "border", "--encode_format", "jpg", "--encode_quality", "95",
-           "--number_sample_per_shard", str(math.ceil(len(rows) / (2 * args.processes))),
+           "--number_sample_per_shard", str(math.ceil(len(rows) / (args.tasks or 2 * args.processes))),
            "--timeout", "10", "--retries", "0", "--extract_exif", "False", "--compute_hash", "sha256",
            "--distributor", "multiprocessing", "--enable_wandb", "False"]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -294,12 +371,17 @@ def run_img2dataset(rows: list[tuple[str, str]], args) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--urls", type=int, default=4000)
+    parser.add_argument("--urls", type=int, default=10000)
     parser.add_argument("--images", type=int, default=160, help="distinct images in the corpus")
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--threads", type=int, default=32)
     parser.add_argument("--decode-workers", type=int, default=2)
     parser.add_argument("--server-workers", type=int, default=3)
+    parser.add_argument("--tasks", type=int, default=None,
+                        help="shards = Spark tasks = img2dataset shards (default 2 x processes)")
+    parser.add_argument("--compression", default="snappy", help="Parquet codec of our images table")
+    parser.add_argument("--job-module", default="laion_spark.download.job",
+                        help="module with run_download (e.g. an older job.py on PYTHONPATH, for before/after)")
     parser.add_argument("--only", choices=["ours", "img2dataset"], default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -352,6 +434,13 @@ def main() -> int:
             print(f"{name + ' (cold, JVM start)':<28}{r['success']:>9}{r['cold_wall_s']:>9.1f}"
                   f"{r['success'] / r['cold_wall_s']:>9.1f}{r['cold_cpu_s']:>9.1f}"
                   f"{r['cold_cpu_s'] / max(1, r['success']):>11.4f}{r['success'] / r['cold_cpu_s']:>11.1f}")
+    ours = results.get("laion-spark")
+    if ours:
+        print(f"\nlaion-spark CPU s by process, warm: {ours['cpu_split']}; cold run (JVM start "
+              f"{ours['jvm_start_cpu_s']:.1f} s not included): {ours['cold_cpu_split']}")
+        for label, key in (("warm", "phases"), ("cold", "cold_phases")):
+            for phase, split in ours[key].items():
+                print(f"  {label} {phase:<24} {split}")
     if len(results) == 2:
         ours, peer = results["laion-spark"], results["img2dataset"]
         eff = (ours["success"] / ours["cpu_s"]) / (peer["success"] / peer["cpu_s"])

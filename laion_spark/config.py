@@ -103,6 +103,7 @@ class DownloadConfig:
     decode_workers: int = 2
     retry_failed: bool = False
     shards_per_commit: int = 8  # shards downloaded per Delta commit (the resume granularity)
+    compression: str = "snappy"  # Parquet codec of `images` (its JPEG/WEBP bytes do not shrink)
 
 
 @dataclass

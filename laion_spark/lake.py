@@ -220,17 +220,21 @@ class Lake:
 
     # ----------------------------------------------------------------- writes
     def append(self, name: str, df: DataFrame, *, stage: str = "laion-spark",
-               units: Iterable[str] = (), metadata: dict | None = None) -> CommitResult:
-        """Add `df`'s rows; with `units`, a unit already committed makes this commit a no-op."""
-        return self._write(name, df, "append", stage, list(units), metadata)
+               units: Iterable[str] = (), metadata: dict | None = None,
+               compression: str | None = None) -> CommitResult:
+        """Add `df`'s rows; with `units`, a unit already committed makes this commit a no-op.
+
+        `compression`: the Parquet codec (default zstd; e.g. snappy for already-compressed bytes)."""
+        return self._write(name, df, "append", stage, list(units), metadata, compression)
 
     def overwrite(self, name: str, df: DataFrame, *, stage: str = "laion-spark",
-                  units: Iterable[str] = (), metadata: dict | None = None) -> CommitResult:
+                  units: Iterable[str] = (), metadata: dict | None = None,
+                  compression: str | None = None) -> CommitResult:
         """Replace the table's rows with `df`'s (old files stay until VACUUM, for time travel)."""
-        return self._write(name, df, "overwrite", stage, list(units), metadata)
+        return self._write(name, df, "overwrite", stage, list(units), metadata, compression)
 
     def _write(self, name: str, df: DataFrame, mode: str, stage: str, units: list[str],
-               metadata: dict | None) -> CommitResult:
+               metadata: dict | None, compression: str | None = None) -> CommitResult:
         started = time.time()
         path = self.table_path(name)
         if units:
@@ -247,9 +251,9 @@ class Lake:
             self._check_schema(name, df)
         app_ids = [unit_app_id(stage, u) for u in dict.fromkeys(units)]
         if self.backend == "delta-spark":
-            result = self._write_delta_spark(name, df, mode, stage, app_ids, metadata)
+            result = self._write_delta_spark(name, df, mode, stage, app_ids, metadata, compression)
         else:
-            result = self._write_delta_rs(name, df, mode, app_ids, metadata)
+            result = self._write_delta_rs(name, df, mode, app_ids, metadata, compression)
         result.committed_units = list(dict.fromkeys(units))
         log.info(
             "%s: %s %d rows in %d files -> version %s (%.1fs)",
@@ -281,8 +285,10 @@ class Lake:
                 f"cannot append to table '{name}' ({self.table_path(name)}): " + "; ".join(parts)
             )
 
-    def _write_delta_spark(self, name, df, mode, stage, app_ids, metadata) -> CommitResult:
+    def _write_delta_spark(self, name, df, mode, stage, app_ids, metadata, compression=None) -> CommitResult:
         writer = df.write.format("delta").mode(mode)
+        if compression:
+            writer = writer.option("compression", compression)
         user_meta = dict(metadata or {})
         if app_ids:
             user_meta["units"] = app_ids
@@ -299,14 +305,14 @@ class Lake:
             int(metrics.get("numOutputRows", 0) or 0), [], [],
         )
 
-    def _write_delta_rs(self, name, df, mode, app_ids, metadata) -> CommitResult:
+    def _write_delta_rs(self, name, df, mode, app_ids, metadata, compression=None) -> CommitResult:
         from deltalake import CommitProperties, DeltaTable, Schema, Transaction
         from deltalake.transaction import AddAction, create_table_with_add_actions
 
         path = self.table_path(name)
         batch_dir = f"part-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:12]}"
         staging = f"{path}/{batch_dir}"
-        df.write.mode("errorifexists").option("compression", "zstd").parquet(staging)
+        df.write.mode("errorifexists").option("compression", compression or "zstd").parquet(staging)
         files = self._list_parquet(staging)
         adds = self._add_actions(path, files)
         rows = sum(json.loads(a.stats).get("numRecords", 0) for a in adds)
