@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import BinaryIO, Callable, Iterator, Optional, Union
+from typing import Any, BinaryIO, Callable, Iterator, Optional, Union
 
 log = logging.getLogger(__name__)
 
@@ -20,19 +20,58 @@ HEAD_BYTES = 16384
 _SCAN_CHUNK = 1 << 20
 
 
-@dataclass
 class RawRecord:
-    """One WARC record's header fields and (a prefix of, or all of) its block."""
+    """One WARC record's header fields and (a prefix of, or all of) its block.
 
-    offset: int
-    warc_type: str
-    target_uri: Optional[str]
-    date: Optional[str]
-    content_type: Optional[str]
-    content_length: int
-    block: bytes
-    complete: bool  # the whole block was read and had Content-Length bytes
-    truncated: bool  # the stream ended before Content-Length bytes
+    A plain slotted class rather than a dataclass: one is made per record (tens of thousands per
+    file). With FastWARC, `target_uri`, `date` and `content_type` are read from the header map
+    only when asked for: most WAT records need none of them, and each look-up costs about as
+    much as the rest of the record's bookkeeping."""
+
+    __slots__ = ("offset", "warc_type", "content_length", "block", "complete", "truncated",
+                 "_target_uri", "_date", "_content_type", "_headers")
+
+    def __init__(self, offset: int, warc_type: str, target_uri: Optional[str], date: Optional[str],
+                 content_type: Optional[str], content_length: int, block: bytes, complete: bool,
+                 truncated: bool, headers: Any = None):
+        self.offset = offset
+        self.warc_type = warc_type
+        self.content_length = content_length
+        self.block = block
+        self.complete = complete  # the whole block was read and had Content-Length bytes
+        self.truncated = truncated  # the stream ended before Content-Length bytes
+        self._target_uri = target_uri
+        self._date = date
+        self._content_type = content_type
+        self._headers = headers  # FastWARC header map: the three fields above come from it lazily
+
+    @property
+    def target_uri(self) -> Optional[str]:
+        if self._headers is not None:
+            self._resolve_headers()
+        return self._target_uri
+
+    @property
+    def date(self) -> Optional[str]:
+        if self._headers is not None:
+            self._resolve_headers()
+        return self._date
+
+    @property
+    def content_type(self) -> Optional[str]:
+        if self._headers is not None:
+            self._resolve_headers()
+        return self._content_type
+
+    def _resolve_headers(self) -> None:
+        headers, self._headers = self._headers, None
+        self._target_uri = _clean_uri(headers.get("WARC-Target-URI"))
+        self._date = headers.get("WARC-Date")
+        self._content_type = headers.get("Content-Type")
+
+    def __repr__(self) -> str:
+        return (f"RawRecord(offset={self.offset}, warc_type={self.warc_type!r}, "
+                f"target_uri={self.target_uri!r}, content_length={self.content_length})")
 
 
 @dataclass
@@ -93,9 +132,10 @@ def _exact_reader(read: Callable[[int], bytes]) -> Callable[[int], bytes]:
 
 
 def _read_block(read: Callable[[int], bytes], record: RawRecord, wants_body: WantsBody,
-                max_bytes: int) -> None:
+                max_bytes: int, exact: bool = True) -> None:
     """Fill record.block: the head first, the rest only if wanted (and at most max_bytes)."""
-    read = _exact_reader(read)
+    if exact:
+        read = _exact_reader(read)
     want = min(record.content_length, HEAD_BYTES)
     head = read(want) if want > 0 else b""
     record.block = head
@@ -124,22 +164,37 @@ def _read_block(read: Callable[[int], bytes], record: RawRecord, wants_body: Wan
         record.complete = got >= record.content_length
 
 
+def _fastwarc_record_names() -> dict[int, str]:
+    from fastwarc.warc import WarcRecordType
+
+    return {int(getattr(WarcRecordType, name)): name for name in (
+        "warcinfo", "response", "resource", "request", "metadata", "revisit", "conversion",
+        "continuation")}
+
+
 def _fastwarc_records(stream: BinaryIO, wants_body: WantsBody, max_bytes: int) -> Iterator[RawRecord]:
     from fastwarc.warc import ArchiveIterator
 
+    # The record type, length and offset are C properties (no header-map look-up); FastWARC
+    # reads whole blocks, so its reader needs no short-read loop.
+    type_names = _fastwarc_record_names()
     for rec in ArchiveIterator(stream, parse_http=False):
         headers = rec.headers
-        length_text = headers.get("Content-Length")
-        wtype = headers.get("WARC-Type")
-        if length_text is None or wtype is None:
+        length = rec.content_length
+        wtype = type_names.get(int(rec.record_type))
+        if wtype is None:  # a type FastWARC does not know, or none at all
+            wtype = headers.get("WARC-Type")
+        if wtype is None or (length == 0 and headers.get("Content-Length") is None):
             raise ValueError(f"malformed or truncated WARC header at {rec.stream_pos}: "
                              f"{dict(headers.to_dict())!r:.200}")
-        raw = RawRecord(
-            offset=rec.stream_pos, warc_type=wtype, target_uri=_clean_uri(headers.get("WARC-Target-URI")),
-            date=headers.get("WARC-Date"), content_type=headers.get("Content-Type"),
-            content_length=int(length_text), block=b"", complete=False, truncated=False,
-        )
-        _read_block(rec.reader.read, raw, wants_body, max_bytes)
+        if length <= HEAD_BYTES:  # most records: one read, no wants_body call
+            block = rec.reader.read(length) if length else b""
+            short = len(block) < length
+            yield RawRecord(rec.stream_pos, wtype, None, None, None, length, block, not short,
+                            short, headers)
+            continue
+        raw = RawRecord(rec.stream_pos, wtype, None, None, None, length, b"", False, False, headers)
+        _read_block(rec.reader.read, raw, wants_body, max_bytes, exact=False)
         yield raw
 
 

@@ -7,6 +7,7 @@ extension (`.svg`, `.gif`), the hostname is at most 60 characters, and the alt t
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Optional
 from urllib.parse import urljoin, urlsplit
@@ -47,14 +48,18 @@ def uid_of(url: str, text: str) -> int:
     return mmh3.hash64(url + text)[0]
 
 
-def _first_of(text: str, chars: str, start: int) -> int:
-    """Index of the first of `chars` in text[start:], or len(text)."""
-    end = len(text)
-    for c in chars:
-        i = text.find(c, start, end)
-        if i >= 0:
-            end = i
-    return end
+# An absolute http(s) URL (any case) and its netloc: the common case, which needs no urljoin.
+# A relative reference that urljoin resolves by plain concatenation: a path (absolute or
+# relative, not network-path "//") whose segments do not start with "." (no dot segments) and
+# hold no ";" (params), ":" (a scheme), "#", "\\", controls or spaces, then an optional
+# non-empty query. Anything else goes through urljoin.
+_SEGMENT = r"[^\x00-\x20\x7f#;:?/.\\][^\x00-\x20\x7f#;:?/\\]*"
+_SIMPLE_RELATIVE = re.compile(
+    rf"(?=[^?])/?(?:{_SEGMENT}/)*(?:{_SEGMENT})?(?:\?[^\x00-\x20\x7f#]+)?").fullmatch
+
+# The hostname is the netloc after its last "@" and before ":" (as urlsplit reads it); an IPv6
+# literal ("[") goes the urlsplit way.
+ABSOLUTE_HTTP = re.compile(r"[hH][tT][tT][pP][sS]?://(?=[^/?#\[]*(?:[/?#]|\Z))(?:[^/?#]*@)?([^/?#@:]*)").match
 
 
 @dataclass
@@ -71,23 +76,31 @@ class CandidateRules:
         self.schemes = {s.lower() for s in cfg.allowed_schemes}
         self.extensions = [e.lower() for e in cfg.drop_extensions]
         self.fast_http = {"http", "https"} <= self.schemes
+        self.max_hostname_length = cfg.max_hostname_length
+        self._base_key: Optional[str] = None
+        self._base_split: Optional[tuple] = None
+        # one C call for "does the lower-cased URL contain any dropped extension"
+        self.any_extension = re.compile("|".join(map(re.escape, self.extensions))).search \
+            if self.extensions else (lambda _url: None)
+        self.max_url_length = cfg.max_url_length
 
     def check_url(self, base: str, ref: str) -> tuple[Optional[str], Optional[str]]:
         """(absolute URL, None) when the reference is a usable image URL, else (None, reason)."""
         ref = ref.strip()
-        low = ref[:11].lower()
-        if low.startswith(("data:", "javascript:")):
-            return None, DROP_SCHEME
-        hostname = None
-        if low.startswith(("http://", "https://")) and self.fast_http:
-            # Already absolute: urljoin would hand it back unchanged; read the host by hand.
+        m = ABSOLUTE_HTTP(ref) if self.fast_http else None
+        if m is not None:
+            # Already absolute: urljoin would hand it back unchanged; the regex read the host.
             url = ref
-            scheme_end = url.index("//") + 2
-            slash = _first_of(url, "/?#", scheme_end)
-            netloc = url[scheme_end:slash]
-            if "[" not in netloc:
-                hostname = netloc.rpartition("@")[2].partition(":")[0].lower()
-        if hostname is None:
+            hostname = m.group(1).lower()
+        elif ref[:11].lower().startswith(("data:", "javascript:")):
+            return None, DROP_SCHEME
+        elif self.fast_http and _SIMPLE_RELATIVE(ref) is not None and self._base_of(base) is not None:
+            # A plain relative reference: urljoin would give base origin (+ directory) + ref.
+            scheme, origin, directory, hostname = self._base_split
+            if scheme not in self.schemes:
+                return None, DROP_SCHEME
+            url = origin + ref if ref[0] == "/" else origin + directory + ref
+        else:
             try:
                 url = urljoin(base, ref)
                 parts = urlsplit(url)
@@ -98,15 +111,32 @@ class CandidateRules:
                 return None, DROP_SCHEME
         if not hostname:
             return None, DROP_INVALID_URL
-        low_url = url.lower()
-        for ext in self.extensions:
-            if ext in low_url:
-                return None, DROP_EXTENSION
-        if len(hostname) > self.cfg.max_hostname_length:
+        if self.extensions and self.any_extension(url.lower()):
+            return None, DROP_EXTENSION
+        if len(hostname) > self.max_hostname_length:
             return None, DROP_HOSTNAME
-        if len(url) > self.cfg.max_url_length:
+        if len(url) > self.max_url_length:
             return None, DROP_URL_LENGTH
         return url, None
+
+    def _base_of(self, base: str) -> Optional[tuple]:
+        """(scheme, origin, directory, hostname) of a base URL that urljoin would use verbatim
+        (http(s), a host, a path with no `;`, `//` or dot segments), else None. One per page."""
+        if base is not self._base_key:
+            self._base_key = base
+            self._base_split = None
+            try:
+                parts = urlsplit(base)
+                hostname = parts.hostname
+            except ValueError:
+                return None
+            path = parts.path
+            if (parts.scheme in ("http", "https") and parts.netloc and hostname
+                    and ";" not in path and "//" not in path and "/." not in path
+                    and (not path or path[0] == "/")):
+                self._base_split = (parts.scheme, f"{parts.scheme}://{parts.netloc}",
+                                    path[:path.rfind("/") + 1] or "/", hostname)
+        return self._base_split
 
     def check_text(self, alt: Optional[str]) -> tuple[Optional[str], Optional[str]]:
         """(normalised text, None) when the alt text is long enough, else (None, reason)."""
@@ -118,6 +148,10 @@ class CandidateRules:
         if len(text) > self.cfg.max_text_length:
             text = text[: self.cfg.max_text_length]
         return text, None
+
+
+# Per file; the benchmark sets it to 0 to show the cost when no alt text repeats.
+LANGUAGE_CACHE_SIZE = 100_000
 
 
 class LanguageIdentifier:
@@ -146,6 +180,6 @@ class LanguageIdentifier:
         reliable = bool(res.is_reliable) and prob >= self.min_prob and code != "und"
         group = ("en" if code == "en" else "multi") if reliable else "nolang"
         out = (code, prob, group)
-        if len(self._cache) < 100_000:  # alt texts repeat a lot (logos, "image", site names)
+        if len(self._cache) < LANGUAGE_CACHE_SIZE:  # alt texts repeat (logos, "image", site names)
             self._cache[text] = out
         return out

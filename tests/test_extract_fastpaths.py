@@ -1,0 +1,194 @@
+"""The WAT path's shortcuts give exactly what the slow, obvious code gives.
+
+`parse_wat_page_fast` (parse only the `IMG@/src` link objects) against `parse_wat_page` (orjson on
+the whole document), and `CandidateRules.check_url`'s absolute and relative shortcuts against
+urljoin/urlsplit: on the real Common Crawl WAT records, on adversarial documents built to trip a
+byte-level reader, and on random references. Then whole files: the rows with the fast WAT parse
+switched off equal the rows with it on."""
+from __future__ import annotations
+
+import io
+import json
+import random
+from urllib.parse import urljoin, urlsplit
+
+import orjson
+import pytest
+from fastwarc.warc import ArchiveIterator
+from warcio.warcwriter import WARCWriter
+
+from laion_spark.config import ExtractConfig
+from laion_spark.extract import extractor
+from laion_spark.extract.extractor import extract_file_table, parse_wat_page, parse_wat_page_fast
+from laion_spark.extract.rules import (
+    ABSOLUTE_HTTP, DROP_INVALID_URL, DROP_SCHEME, CandidateRules,
+)
+
+REAL_WATS = ["webindex-wat-18.warc", "CC-MAIN-20140820021334-00006-ip-10-180-136-8.ec2.internal.warc.wat",
+             "whirlwind.warc.wat.gz"]
+
+
+def _same_page(fast, full) -> bool:
+    """Equal as the extractor uses them (the caller drops links whose last `path` is not IMG@/src)."""
+    keep = [link for link in fast.img_links if link.get("path") == "IMG@/src"]
+    return (fast.header_meta, fast.base_href, keep) == (full.header_meta, full.base_href, full.img_links)
+
+
+def _wat_doc(links, *, base=None, head_first=False, as_lists=False, title="t") -> bytes:
+    wrap = (lambda v: [v]) if as_lists else (lambda v: v)
+    head = {"Title": title, "Metas": [{"name": "x}{", "content": '"Base":"no"'}],
+            "Link": [{"path": "LINK@/href", "url": "/s.css", "rel": "stylesheet"}]}
+    if base is not None:
+        head["Base"] = wrap(base)
+    html = {"Head": head, "Links": links} if head_first else {"Links": links, "Head": head}
+    doc = {"Container": {"Filename": "x.warc.gz", "Offset": "1"},
+           "Envelope": {"Format": "WARC", "WARC-Header-Metadata": {
+               "WARC-Type": wrap("response"), "WARC-Target-URI": wrap("https://ex.org/a/p.html"),
+               "WARC-Date": wrap("2025-01-02T03:04:05Z")},
+               "Payload-Metadata": {"HTTP-Response-Metadata": {
+                   "Headers": {"Content-Type": "text/html", "X-Note": "a } brace { and \"quotes\""},
+                   "HTML-Metadata": html}}}}
+    return orjson.dumps(doc)  # compact, as Common Crawl writes WAT JSON
+
+
+def test_fast_wat_parse_equals_full_parse_on_real_records(real_data):
+    n_fast = 0
+    for name in REAL_WATS:
+        with (real_data / name).open("rb") as fh:
+            for rec in ArchiveIterator(fh, parse_http=False):
+                block = rec.reader.read()
+                if b"IMG@" not in block:
+                    continue
+                fast = parse_wat_page_fast(block)
+                assert fast is not None, f"{name}@{rec.stream_pos}: compact CC JSON takes the fast path"
+                assert _same_page(fast, parse_wat_page(block))
+                n_fast += 1
+    assert n_fast == 5  # the five real response records with IMG@/src links
+
+
+ADVERSARIAL_LINKS = [
+    [{"alt": "a { brace", "path": "IMG@/src", "url": "a.jpg"}],
+    [{"alt": "a } brace", "path": "IMG@/src", "url": "a.jpg"}],
+    [{"alt": 'x","path":"IMG@/src","url":"evil.jpg', "path": "A@/href", "url": "a.html"}],
+    [{"alt": '{"path":"IMG@/src"}', "path": "IMG@/src", "url": "b.jpg"}],
+    [{"alt": "x{", "path": "IMG@/src", "url": "u{}.jpg"}, {"alt": "}", "path": "IMG@/src", "url": "v.jpg"}],
+    [{"alt": "IMG@/src", "path": "IMG@/src", "url": "c.jpg"}, {"text": "IMG@/src", "path": "A@/href", "url": "d"}],
+    [{"alt": "quote \" and backslash \\ and \\\" end", "path": "IMG@/src", "url": "q.jpg"}],
+    [{"alt": "unicode é 漢字 \u2028 \U0001F600", "path": "IMG@/src", "url": "/ü.jpg", "title": "T"}],
+    [{"alt": ["list alt"], "path": "IMG@/src", "url": ["list.jpg"]}],
+    [{"path": "IMG@/src", "url": "no-alt.jpg"}, {"path": "IMG@/src", "alt": "no url"}],
+    [{"path": "IMG@/src", "url": "dup.jpg", "alt": "dup path"}],
+    [{"text": "link " * 50, "path": "A@/href", "url": "x.html"}] * 20
+    + [{"alt": "after many links", "path": "IMG@/src", "url": "z.png"}],
+    [],
+]
+
+
+@pytest.mark.parametrize("links", ADVERSARIAL_LINKS)
+@pytest.mark.parametrize("variant", ["head-after", "head-first", "base", "base-head-first", "lists"])
+def test_fast_wat_parse_equals_full_parse_on_adversarial_records(links, variant):
+    doc = _wat_doc(links, base="https://cdn.ex.org/s/" if "base" in variant else None,
+                   head_first="head-first" in variant, as_lists=variant == "lists")
+    full = parse_wat_page(doc)
+    fast = parse_wat_page_fast(doc)
+    assert fast is None or _same_page(fast, full)
+    # a repeated key: the last `path` counts, in both
+    dup = doc.replace(b'"url":"dup.jpg"', b'"url":"dup.jpg","path":"A@/href"')
+    fast_dup, full_dup = parse_wat_page_fast(dup), parse_wat_page(dup)
+    assert fast_dup is None or _same_page(fast_dup, full_dup)
+
+
+def test_fast_wat_parse_declines_what_it_cannot_read_exactly():
+    links = [{"alt": "a cat", "path": "IMG@/src", "url": "a.jpg"}]
+    compact = _wat_doc(links)
+    assert parse_wat_page_fast(compact) is not None
+    spaced = json.dumps(orjson.loads(compact)).encode()  # '": ' separators
+    assert parse_wat_page_fast(spaced) is None
+    cut = compact[:compact.index(b"stylesheet")]  # truncated inside a value
+    assert parse_wat_page_fast(cut) is None
+    with pytest.raises(ValueError):
+        parse_wat_page(cut)  # ... which the whole-document parse reports (a failure row)
+    # a Base the fast path cannot place (no `"Head":{` found): the whole document decides
+    with_base = _wat_doc(links, base="https://cdn.ex.org/")
+    assert parse_wat_page_fast(with_base.replace(b'"Head":{', b'"Head" :{')) is None
+    assert parse_wat_page_fast(with_base).base_href == "https://cdn.ex.org/"
+
+
+def _write_wat(path, docs: list[bytes]) -> None:
+    with path.open("wb") as fh:
+        writer = WARCWriter(fh, gzip=True)
+        for i, body in enumerate(docs):
+            writer.write_record(writer.create_warc_record(
+                f"https://ex.org/{i}", "metadata", payload=io.BytesIO(body), length=len(body),
+                warc_content_type="application/json"))
+
+
+@pytest.mark.parametrize("source", ["real", "adversarial"])
+def test_rows_with_and_without_the_fast_wat_parse_are_identical(real_data, tmp_path, monkeypatch, source):
+    if source == "real":
+        paths = [real_data / name for name in REAL_WATS]
+    else:
+        path = tmp_path / "adv.warc.wat.gz"
+        _write_wat(path, [_wat_doc(links, base=base, head_first=hf)
+                          for links in ADVERSARIAL_LINKS
+                          for base in (None, "../up/", "https://cdn.ex.org/s/") for hf in (False, True)])
+        paths = [path]
+    cfg = ExtractConfig(min_text_length=1)
+    for path in paths:
+        fast = extract_file_table(str(path), cfg).drop_columns(["seconds", "extracted_at"]).to_pylist()
+        with monkeypatch.context() as m:
+            m.setattr(extractor, "parse_wat_page_fast", lambda block: None)
+            slow = extract_file_table(str(path), cfg).drop_columns(["seconds", "extracted_at"]).to_pylist()
+        assert fast == slow
+        assert any(r["kind"] == "candidate" for r in fast) or path.name.startswith("whirlwind")
+
+
+# ----------------------------------------------------------------------------- URL shortcuts
+def _reference_check_url(rules: CandidateRules, base: str, ref: str):
+    """check_url as plain urljoin + urlsplit (no shortcuts), the rules in the same order."""
+    ref = ref.strip()
+    if ref[:11].lower().startswith(("data:", "javascript:")):
+        return None, DROP_SCHEME
+    try:
+        url = urljoin(base, ref)
+        parts = urlsplit(url)
+        hostname = parts.hostname or ""
+    except ValueError:
+        return None, DROP_INVALID_URL
+    if parts.scheme.lower() not in rules.schemes:
+        return None, DROP_SCHEME
+    if not hostname:
+        return None, DROP_INVALID_URL
+    return url, None
+
+
+def test_relative_reference_shortcut_equals_urljoin():
+    rules = CandidateRules(ExtractConfig(drop_extensions=[], max_hostname_length=10**6,
+                                         max_url_length=10**9))
+    rng = random.Random(7)
+    pieces = ["a", "b", "/", ".", "..", "?", "#", ";", ":", "//", " ", "\t", "%2e", "é", "x.jpg",
+              "=", "&", "\\", "@", "~", "\x01"]
+    bases = ["http://h.com", "http://h.com/", "https://h.com/a/b", "https://h.com/a/b/",
+             "http://h.com/a//b/c", "http://h.com/a/./b", "http://h.com/a;p/b", "HTTP://H.com/a/b?q#f",
+             "http://u@h.com:80/x/y.html?z", "http://[::1]/a/", "ftp://h.com/a/", "http://h.com?x",
+             "http://h.com/a/b;x", "https://h.com/%7Eu/é/"]
+    for _ in range(40_000):
+        base = rng.choice(bases)
+        ref = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 8)))
+        assert rules.check_url(base, ref) == _reference_check_url(rules, base, ref), (base, ref)
+
+
+def test_absolute_url_host_regex_equals_partition():
+    def by_partition(url):  # the hostname as urlsplit reads it, by hand; None: IPv6 (urlsplit's way)
+        start = url.index("//") + 2
+        end = min([i for i in (url.find(c, start) for c in "/?#") if i >= 0] + [len(url)])
+        netloc = url[start:end]
+        return None if "[" in netloc else netloc.rpartition("@")[2].partition(":")[0]
+
+    rng = random.Random(3)
+    for alphabet in ("ab:@/?#[].x", "a@:/", "a]@:[?", "ab\n :@/?#"):
+        for _ in range(20_000):
+            url = rng.choice(["http://", "HTTPS://", "hTtp://"]) + "".join(
+                rng.choice(alphabet) for _ in range(rng.randint(0, 12)))
+            m = ABSOLUTE_HTTP(url)
+            assert (m.group(1) if m else None) == by_partition(url), url
