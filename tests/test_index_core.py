@@ -1,0 +1,97 @@
+"""The Spark-free index core: embedding decode, exact top-k, merges, and a 100k-vector build
+whose recall@10 against exact search must reach 0.9."""
+from __future__ import annotations
+
+import json
+import os
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from laion_spark.config import IndexConfig
+from laion_spark.index import core
+from laion_spark.index.build import build_local
+from laion_spark.index.synthetic import clustered_vectors, synthetic_pairs
+
+
+def test_decode_round_trip_and_bad_rows():
+    x = clustered_vectors(50, 16, 5)
+    arr = core.encode_embeddings(x)
+    assert np.allclose(core.decode_embeddings(arr, 16), x, atol=2e-3)
+    assert np.allclose(core.decode_embeddings(arr.slice(10, 5), 16), x[10:15], atol=2e-3)
+    bad = pa.array([arr[0].as_py(), None, b"\x00" * 6], pa.binary())
+    assert core.embedding_valid_mask(bad, 16).tolist() == [True, False, False]
+    with pytest.raises(core.EmbeddingError):
+        core.decode_embeddings(bad, 16)
+
+
+def test_exact_topk_matches_brute_force():
+    x = clustered_vectors(3000, 32, 10, seed=3)
+    q = clustered_vectors(20, 32, 10, seed=4)
+    acc = core.ExactTopK(q, k=50)
+    for a in range(0, 3000, 700):
+        acc.add(x[a:a + 700], a)
+    _, ids = acc.result()
+    want = np.argsort(-(q @ x.T), axis=1)[:, :50]
+    assert np.array_equal(ids, want)
+
+
+def test_on_disk_merge_equals_in_memory(tmp_path):
+    from laion_spark.index.params import choose_params
+
+    x = clustered_vectors(4000, 32, 20, seed=5)
+    params = choose_params(4000, 32, 10 ** 9)
+    trained = core.serialize(core.train_index(params, x))
+    rows = [1500, 0, 2500]
+    paths = []
+    start = 0
+    for i, n in enumerate(rows):
+        b = core.PartBuilder({"image": trained}, 32, None)
+        b.add_arrays({"image": x[start:start + n]}, np.arange(start, start + n))
+        b.write(str(tmp_path / f"p{i}"))
+        paths.append(str(tmp_path / f"p{i}" / "image.index"))
+        start += n
+    mem = core.merge_parts(trained, paths, rows, str(tmp_path / "mem.index"), on_disk=False)
+    disk = core.merge_parts(trained, paths, rows, str(tmp_path / "disk.index"), on_disk=True)
+    for idx in (mem, disk):
+        core.set_nprobe(idx, 1 << 20)
+    _, i_mem = mem.search(x[::97], 1)
+    _, i_disk = disk.search(x[::97], 1)
+    assert np.array_equal(i_mem.ravel(), np.arange(4000)[::97])  # global id = row number
+    assert np.array_equal(i_mem, i_disk)
+
+
+def test_pq_index_when_the_budget_is_tight(tmp_path):
+    table = synthetic_pairs(10_000, dim=32, seed=7, n_clusters=100)
+    # 10k × (16 B PQ + 8 B id) + 32 KB centroids fits 300 KB; IVF-Flat and SQ8 do not.
+    cfg = IndexConfig(memory_budget_gb=300_000 / 1024 ** 3, recall_queries=200)
+    s = build_local(table, str(tmp_path / "pq"), cfg, n_parts=2)
+    key = s["indices"]["image"]["index_key"]
+    assert key == "IVF256,PQ16"
+    rep = json.loads(open(tmp_path / "pq" / "recall.json").read())
+    # 16-byte codes: lossy, but far above chance (chance recall@10 ≈ 10 / 10,000)
+    assert rep["indices"]["image"]["image_queries"]["recall@10"] > 0.3
+
+
+def test_100k_index_recall_at_10(tmp_path):
+    """The issue's bar: recall@10 ≥ 0.9 against exact search on a 100k-vector index built with
+    the default memory budget (which the chooser spends on exact IVF-Flat codes)."""
+    n, dim = 100_000, 64
+    table = synthetic_pairs(n, dim=dim, seed=11, n_clusters=1000)
+    cfg = IndexConfig(recall_queries=1000)
+    s = build_local(table, str(tmp_path / "idx"), cfg, n_parts=3)
+    assert s["n_vectors"] == n
+    rep = json.loads(open(tmp_path / "idx" / "recall.json").read())
+    for m in ("image", "text"):
+        for q in ("image_queries", "text_queries"):
+            r = rep["indices"][m][q]
+            assert r["queries"] == 1000
+            assert r["recall@10"] >= 0.9, (m, q, r)
+    params = json.loads(open(tmp_path / "idx" / "index_params.json").read())
+    assert params["indices"]["image"]["index_key"] == "IVF2048,Flat"  # 100k × 264 B fits the default 4 GB
+    meta = pq.read_table(tmp_path / "idx" / "metadata.parquet", columns=["id", "uid"])
+    assert meta.column("uid").to_pylist() == table.column("uid").to_pylist()
+    assert os.path.getsize(tmp_path / "idx" / "image.index") > n * dim * 4
