@@ -50,7 +50,8 @@ def ensure_peer_venv() -> Path:
     py = PEER_VENV / "bin" / "python"
     if not py.exists():
         subprocess.run([sys.executable, "-m", "venv", str(PEER_VENV)], check=True)
-        subprocess.run([str(py), "-m", "pip", "install", "-q", "autofaiss==2.18.0"], check=True)
+        subprocess.run([str(py), "-m", "pip", "install", "-q", "autofaiss==2.18.0",
+                        "pyarrow<18"], check=True)  # autofaiss pins numpy<2; pyarrow 18+ needs 2
     return py
 
 
@@ -91,6 +92,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--bytes-per-vector", type=int, default=128,
                     help="memory budget per vector (budget = n × this)")
     ap.add_argument("--queries", type=int, default=1000)
+    ap.add_argument("--latent-dim", type=int, default=32,
+                    help="intrinsic dimension of the clusters (0: isotropic noise)")
     ap.add_argument("--latency-ms", type=float, default=10.0)
     ap.add_argument("--work", default=str(REPO / "bench-out" / "index"))
     ap.add_argument("--skip-autofaiss", action="store_true")
@@ -104,7 +107,8 @@ def main(argv=None) -> dict:
 
     # One draw: the last `queries` vectors are held out of the index (same cluster centres).
     both = clustered_vectors(args.n + args.queries, args.dim,
-                             n_clusters=max(100, args.n // 1000), seed=0)
+                             n_clusters=max(100, args.n // 1000), seed=0,
+                             latent_dim=args.latent_dim)
     x, q = both[: args.n], np.ascontiguousarray(both[args.n:])
     del both
     np.save(work / "emb" / "emb_0.npy", x.astype(np.float16))

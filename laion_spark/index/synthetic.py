@@ -13,17 +13,30 @@ from laion_spark.index.core import encode_embeddings
 
 
 def clustered_vectors(n: int, dim: int, n_clusters: int = 1000, spread: float = 0.6,
-                      seed: int = 0, chunk: int = 200_000) -> np.ndarray:
+                      seed: int = 0, chunk: int = 200_000, latent_dim: int = 0) -> np.ndarray:
     """n L2-normalised float32 vectors around `n_clusters` random centres (Gaussian, with the
-    noise norm ≈ `spread` × the centre norm), made in chunks to bound memory."""
+    noise norm ≈ `spread` × the centre norm), made in chunks to bound memory.
+
+    latent_dim > 0 draws the within-cluster offset from a random `latent_dim`-d subspace (plus
+    5 % isotropic noise), like real embeddings whose intrinsic dimension is far below d; with
+    isotropic noise in 512-d every point of a cluster is nearly equidistant and any compressed
+    index looks bad (autofaiss issue #142)."""
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((n_clusters, dim)).astype(np.float32)
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    basis = (rng.standard_normal((latent_dim, dim)).astype(np.float32) / np.sqrt(dim)
+             if latent_dim else None)
     out = np.empty((n, dim), dtype=np.float32)
     for a in range(0, n, chunk):
         b = min(n, a + chunk)
         which = rng.integers(0, n_clusters, size=b - a)
-        noise = rng.standard_normal((b - a, dim)).astype(np.float32) * (spread / np.sqrt(dim))
+        if basis is None:
+            noise = rng.standard_normal((b - a, dim)).astype(np.float32) * (spread / np.sqrt(dim))
+        else:
+            z = rng.standard_normal((b - a, latent_dim)).astype(np.float32)
+            noise = (z @ basis) * (spread / np.sqrt(latent_dim))  # norm ≈ spread
+            noise += rng.standard_normal((b - a, dim)).astype(np.float32) * (
+                0.05 * spread / np.sqrt(dim))
         x = centres[which] + noise
         x /= np.linalg.norm(x, axis=1, keepdims=True)
         out[a:b] = x
