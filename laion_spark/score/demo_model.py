@@ -5,8 +5,9 @@ nothing. A `transformers.CLIPModel` with a small config, a BPE tokenizer trained
 captions of all five demo languages, and one to two minutes of CPU training separates matching
 alt texts from mismatching ones, hard negatives (same colour, another shape or count) included
 (ROC AUC about 0.96 on the test's demo web), so the demo's `passes_filter` behaves like LAION's.
-An M-CLIP-style multilingual text encoder (XLM-R-style + linear projection) is then distilled from the CLIP text tower on parallel captions, the way M-CLIP
-was trained (teacher: the English caption's CLIP embedding; student: its translations).
+An M-CLIP-style multilingual text encoder (XLM-R-style + linear projection) is then distilled
+from the CLIP text tower on parallel captions, the way M-CLIP was trained (teacher: the English
+caption's CLIP embedding; student: its translations).
 
 Everything is saved with `save_pretrained`: the folder loads with `CLIPModel.from_pretrained`,
 `AutoTokenizer.from_pretrained` and `CLIPImageProcessorPil.from_pretrained`; the multilingual
