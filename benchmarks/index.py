@@ -51,7 +51,8 @@ def ensure_peer_venv() -> Path:
     if not py.exists():
         subprocess.run([sys.executable, "-m", "venv", str(PEER_VENV)], check=True)
         subprocess.run([str(py), "-m", "pip", "install", "-q", "autofaiss==2.18.0",
-                        "pyarrow<18"], check=True)  # autofaiss pins numpy<2; pyarrow 18+ needs 2
+                        "pyarrow<18", "faiss-cpu==1.9.0.post1"],
+                       check=True)  # autofaiss: numpy<2 (pyarrow 18+ needs 2); faiss 1.15 broke OPQMatrix(M=)
     return py
 
 
