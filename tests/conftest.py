@@ -39,3 +39,14 @@ def real_data() -> Path:
     if not REAL_DATA.is_dir():
         pytest.skip(f"real web-archive data not found at {REAL_DATA} (needs ../shared beside the repo)")
     return REAL_DATA
+
+
+@pytest.fixture(scope="session")
+def demo_clip_dir(tmp_path_factory) -> Path:
+    """The demo CLIP, trained once per test session (about two minutes of CPU) and shared by every
+    test that scores; LAION_SPARK_TEST_DEMO_CLIP names a folder to train into once and reuse."""
+    from laion_spark.score.demo_model import train_demo_clip
+
+    folder = os.environ.get("LAION_SPARK_TEST_DEMO_CLIP") or tmp_path_factory.mktemp("demo-clip")
+    train_demo_clip(folder, seed=0)
+    return Path(folder)
