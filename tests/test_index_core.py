@@ -66,8 +66,8 @@ def test_on_disk_merge_equals_in_memory(tmp_path):
 
 def test_pq_index_when_the_budget_is_tight(tmp_path):
     table = synthetic_pairs(10_000, dim=32, seed=7, n_clusters=100)
-    # 10k × (16 B PQ + 8 B id) + 32 KB centroids fits 300 KB; IVF-Flat and SQ8 do not.
-    cfg = IndexConfig(memory_budget_gb=300_000 / 1024 ** 3, recall_queries=200)
+    # 10k × (16 B PQ + 8 B id) + 32 KB centroids + 32 KB codebooks fits 320 KB; SQ8 does not.
+    cfg = IndexConfig(memory_budget_gb=320_000 / 1024 ** 3, recall_queries=200)
     s = build_local(table, str(tmp_path / "pq"), cfg, n_parts=2)
     key = s["indices"]["image"]["index_key"]
     assert key == "IVF256,PQ16"
@@ -91,7 +91,7 @@ def test_100k_index_recall_at_10(tmp_path):
             assert r["queries"] == 1000
             assert r["recall@10"] >= 0.9, (m, q, r)
     params = json.loads(open(tmp_path / "idx" / "index_params.json").read())
-    assert params["indices"]["image"]["index_key"] == "IVF2048,Flat"  # 100k × 264 B fits the default 4 GB
+    assert params["indices"]["image"]["index_key"] == "IVF1280,Flat"  # 100k × 264 B fits the default 4 GB
     meta = pq.read_table(tmp_path / "idx" / "metadata.parquet", columns=["id", "uid"])
     assert meta.column("uid").to_pylist() == table.column("uid").to_pylist()
     assert os.path.getsize(tmp_path / "idx" / "image.index") > n * dim * 4

@@ -7,8 +7,8 @@ MB = 1024 ** 2
 
 
 def test_nlist_follows_faiss_guidelines():
-    assert nlist_for(100_000)[0] == 2048  # 4√N = 1265 → 2048 (≤ 16√N = 5060)
-    assert nlist_for(1_000_000)[0] == 4096
+    assert nlist_for(100_000)[0] == 1280  # 4√N = 1265 → 1280 (≤ 16√N = 5060)
+    assert nlist_for(1_000_000)[0] == 4032  # 4√N = 4000
     assert nlist_for(5_000_000)[0] == 65_536
     assert nlist_for(50_000_000)[0] == 262_144
     assert nlist_for(2_000_000_000)[0] == 1_048_576
@@ -19,15 +19,18 @@ def test_nlist_follows_faiss_guidelines():
 def test_budget_decides_the_code():
     n, d = 100_000, 512
     flat = choose_params(n, d, 1024 * MB)
-    assert flat.index_key == "IVF2048,Flat"
+    assert flat.index_key == "IVF1280,Flat"
     sq8 = choose_params(n, d, 60 * MB)
-    assert sq8.index_key == "IVF2048,SQ8"
-    pq = choose_params(n, d, 11 * MB)
-    # PQ64 needs 100k × 72 B + 4 MiB centroids + 1 MiB OPQ = 12.4 MB > 11 MiB; PQ48 fits
-    assert pq.index_key == "OPQ48_480,IVF2048,PQ48"
-    assert pq.estimated_bytes <= 11 * MB
+    assert sq8.index_key == "IVF1280,SQ8"
+    pq64 = choose_params(n, d, 11 * MB)
+    # 100k × 72 B + 2.6 MB centroids + 1 MiB OPQ + 0.5 MiB codebooks = 11.4 MB ≤ 11 MiB
+    assert pq64.index_key == "OPQ64_512,IVF1280,PQ64"
+    pq = choose_params(n, d, 10 * MB)
+    # PQ64 no longer fits 10 MiB; PQ48 (56 B/vector) does
+    assert pq.index_key == "OPQ48_480,IVF1280,PQ48"
+    assert pq.estimated_bytes <= 10 * MB
     assert any("budget" in r for r in pq.reasons)
-    assert pq.train_size == min(100_000, 64 * 2048)
+    assert pq.train_size == min(100_000, 64 * 1280)
 
 
 def test_large_n_uses_hnsw_quantizer_and_opq_rule():

@@ -46,12 +46,13 @@ class IndexParams:
 
 
 def nlist_for(n: int) -> tuple[int, str]:
-    """faiss's guideline: 4√N–16√N lists under 1M vectors (we take the lowest power of two in
-    that band: fewer centroids train faster on CPU and probe more vectors per list), then
+    """faiss's guideline: 4√N–16√N lists under 1M vectors (we take the low end, rounded up to a
+    multiple of 64: fewer centroids train and assign faster on CPU, cost less of the memory
+    budget, which then buys a larger code, and each list holds more vectors per probe), then
     65,536 / 262,144 / 1,048,576 for 1M–10M / 10M–100M / beyond."""
     if n <= 1_000_000:
-        k = 2 ** math.ceil(math.log2(max(1.0, 4 * math.sqrt(n))))
-        reason = f"N={n:,} ≤ 1M: nlist = smallest power of 2 ≥ 4√N ({4 * math.sqrt(n):,.0f}) = {k:,}"
+        k = 64 * math.ceil(4 * math.sqrt(n) / 64)
+        reason = f"N={n:,} ≤ 1M: nlist = 4√N ({4 * math.sqrt(n):,.0f}) rounded up to a multiple of 64 = {k:,}"
         cap = max(1, n // MIN_POINTS_PER_CENTROID)
         if k > cap:
             reason += f", capped to N/{MIN_POINTS_PER_CENTROID} = {cap:,} so k-means has enough points"
@@ -64,9 +65,12 @@ def nlist_for(n: int) -> tuple[int, str]:
     return 1_048_576, f"N={n:,} > 100M: nlist 1,048,576 (faiss guideline, HNSW32 quantizer)"
 
 
-def _fixed_bytes(nlist: int, dim: int, opq_dim: int = 0) -> int:
-    """Centroids, the HNSW graph over them, the OPQ matrix: what the index costs besides codes."""
+def _fixed_bytes(nlist: int, dim: int, opq_dim: int = 0, pq: bool = False) -> int:
+    """Centroids, the HNSW graph over them, the OPQ matrix, the PQ codebooks (256 centroids per
+    sub-quantizer: 256 × D floats in all): what the index costs besides codes."""
     b = nlist * dim * 4
+    if pq:
+        b += 256 * (opq_dim or dim) * 4
     if nlist >= HNSW_QUANTIZER_FROM:
         b += nlist * 32 * 2 * 4
     if opq_dim:
@@ -128,13 +132,15 @@ def choose_params(n: int, dim: int, budget_bytes: int, samples_per_cluster: int 
         candidates.append((key, m, use_opq, opq_dim))
 
     for key, code, use_opq, opq_dim in candidates:
-        est = n * (code + ID_BYTES) + _fixed_bytes(nlist, dim, opq_dim)
+        fixed = _fixed_bytes(nlist, dim, opq_dim, pq="PQ" in key)
+        est = n * (code + ID_BYTES) + fixed
         if est <= budget_bytes:
             per_vec = code + ID_BYTES
             reasons.append(
-                f"{key}: {per_vec} B/vector × {n:,} + {_fixed_bytes(nlist, dim, opq_dim):,} B "
+                f"{key}: {per_vec} B/vector × {n:,} + {fixed:,} B "
                 f"(centroids{', HNSW' if nlist >= HNSW_QUANTIZER_FROM else ''}"
-                f"{', OPQ matrix' if opq_dim else ''}) = {est:,} B ≤ budget {budget_bytes:,} B: "
+                f"{', OPQ matrix' if opq_dim else ''}{', PQ codebooks' if 'PQ' in key else ''})"
+                f" = {est:,} B ≤ budget {budget_bytes:,} B: "
                 f"the most accurate code that fits"
             )
             if "PQ" in key:
@@ -147,7 +153,8 @@ def choose_params(n: int, dim: int, budget_bytes: int, samples_per_cluster: int 
     raise IndexParamsError(
         f"no index fits {budget_bytes:,} bytes for {n:,} × {dim}-d vectors "
         f"(the smallest, {candidates[-1][0]}, needs "
-        f"{n * (candidates[-1][1] + ID_BYTES) + _fixed_bytes(nlist, dim, candidates[-1][3]):,}); "
+        f"{n * (candidates[-1][1] + ID_BYTES) + _fixed_bytes(nlist, dim, candidates[-1][3], True):,}"
+        f"); "
         f"raise index.memory_budget_gb"
     )
 
