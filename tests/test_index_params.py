@@ -33,6 +33,18 @@ def test_budget_decides_the_code():
     assert pq.train_size == min(100_000, 64 * 1280)
 
 
+def test_budget_left_by_a_divisor_buys_a_reduced_opq_code():
+    """1M × 512-d in 128 MB: PQ128 does not fit, PQ64 would leave 40 MB unspent; PQ96 fits once
+    OPQ rotates to 480 dims. PQ192 (→ 384 dims) would drop a quarter of the signal: never."""
+    n, d, budget = 1_000_000, 512, 128_000_000
+    p = choose_params(n, d, budget)
+    assert p.index_key == "OPQ96_480,IVF4032,PQ96"
+    assert p.estimated_bytes <= budget
+    assert any("divisible by 96" in r for r in p.reasons)
+    assert not any(r.startswith("OPQ192") for r in p.reasons)
+    assert choose_params(n, d, budget, opq="off").index_key == "IVF4032,PQ64"
+
+
 def test_large_n_uses_hnsw_quantizer_and_opq_rule():
     p = choose_params(5_000_000, 768, 400 * 1024 * MB)
     assert p.index_key.startswith("OPQ") or "SQ8" in p.index_key or "Flat" in p.index_key

@@ -109,6 +109,8 @@ def run_index(spark, cfg: Config, lake) -> dict:
                                    "part INT, rows BIGINT, folder STRING").collect()
     shipped.unpersist()
     plan.timings["add_s"] = round(time.time() - t0, 2)
+    log.info("index add: %d rows in %d parts in %.1fs (%.0f rows/s, ground truth included)",
+             n, len(parts_out), plan.timings["add_s"], n / max(plan.timings["add_s"], 1e-6))
     by_part = {r["part"]: r for r in parts_out}
     if len(by_part) != len(parts_out):
         raise RuntimeError("two tasks reported the same part id")

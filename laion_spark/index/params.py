@@ -17,6 +17,7 @@ PQ_CANDIDATES = (256, 192, 128, 96, 64, 48, 32, 24, 16, 8, 4)
 MIN_POINTS_PER_CENTROID = 39  # below this faiss's k-means warns: too few points per centroid
 MAX_POINTS_PER_CENTROID = 256  # above this faiss subsamples anyway
 HNSW_QUANTIZER_FROM = 65_536  # an HNSW32 coarse quantizer from this many lists (faiss wiki)
+MAX_OPQ_DIM_LOSS = 1 / 16  # a non-divisor M may cost the OPQ reduction at most this share of d
 OPQ_MIN_DIMS = 8  # OPQ when a sub-quantizer covers ≥ 8 dims (measured: OPQ48 on 512-d trains 15× slower than IVF)
 
 
@@ -87,10 +88,13 @@ def choose_params(n: int, dim: int, budget_bytes: int, samples_per_cluster: int 
     """The best index of IVF-Flat > IVF-SQ8 > IVF-(OPQ)PQ{M} that fits `budget_bytes`.
 
     Bytes per vector: Flat 4d+8, SQ8 d+8, PQ M+8 (faiss stores an int64 id per vector).
-    PQ takes the largest M of PQ_CANDIDATES that fits, with M ≤ d/2 and M dividing d (or the
-    OPQ output dimension). OPQ ("auto") when each sub-quantizer covers ≥ 8 dimensions, where a
-    learned rotation balances the variance across sub-spaces; not for smaller sub-spaces,
-    where it costs a d×d training loop for little gain.
+    PQ takes the largest M of PQ_CANDIDATES that fits, with M ≤ d/2. OPQ ("auto") when each
+    sub-quantizer covers ≥ 8 dimensions, where a learned rotation balances the variance across
+    sub-spaces, and whenever M does not divide d (the rotation then also reduces to
+    (d // M) × M dims, so e.g. PQ96 on 512-d is OPQ96_480, never dropping more than 1/16 of
+    the dimensions); plain PQ for divisors with smaller
+    sub-spaces, where the rotation costs a d×d training loop for little gain. opq="off" keeps
+    to divisors of d; "on" rotates every PQ.
     """
     if n <= 0:
         raise IndexParamsError("no vectors to index (the filter kept no rows with embeddings)")
@@ -121,6 +125,13 @@ def choose_params(n: int, dim: int, budget_bytes: int, samples_per_cluster: int 
         if m > dim // 2:
             continue
         use_opq = (opq == "on") or (opq == "auto" and dim // m >= OPQ_MIN_DIMS)
+        if dim % m and (dim // m) * m < dim * (1 - MAX_OPQ_DIM_LOSS):
+            continue  # e.g. PQ192 on 512-d would drop to 384 dims: a quarter of the signal
+        if opq == "auto" and dim % m:
+            # M does not divide d: an OPQ rotation to (d // M) × M dims is what makes this
+            # code size possible (autofaiss's OPQ64_448 is the same move); without it the budget
+            # would fall back to the next divisor and leave bytes unspent.
+            use_opq = True
         if use_opq:
             opq_dim = (dim // m) * m
             key = f"OPQ{m}_{opq_dim},{ivf},PQ{m}"
@@ -144,8 +155,13 @@ def choose_params(n: int, dim: int, budget_bytes: int, samples_per_cluster: int 
                 f"the most accurate code that fits"
             )
             if "PQ" in key:
-                reasons.append("OPQ rotation: each sub-quantizer covers ≥ 8 dims" if use_opq
-                               else "no OPQ: sub-quantizers of < 8 dims gain little from rotation")
+                if not use_opq:
+                    reasons.append("no OPQ: sub-quantizers of < 8 dims gain little from rotation")
+                elif dim % code and opq == "auto":
+                    reasons.append(f"OPQ rotation to {opq_dim} dims: PQ{code} needs a dimension "
+                                   f"divisible by {code} ({dim} is not)")
+                else:
+                    reasons.append("OPQ rotation: each sub-quantizer covers ≥ 8 dims")
             reasons.append("inner-product metric on L2-normalised vectors (cosine similarity)")
             return IndexParams(key, n, dim, budget_bytes, nlist, code, use_opq, train_size, est,
                                reasons=reasons)
