@@ -145,6 +145,7 @@ class IndexConfig:
     seed: int = 0
     use_gpu: bool = False
     opq: str = "auto"  # auto | on | off
+    opq_iterations: int = 25  # OPQ rotation/PQ alternations (faiss's default 50; see index README)
     ondisk_merge: str = "auto"  # auto (when the index is larger than merge_memory_gb) | always | never
     merge_memory_gb: float = 16.0
     rows_per_part: int = 1_000_000  # rows each executor task adds (a partial index per task)

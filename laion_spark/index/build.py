@@ -74,7 +74,8 @@ def make_plan(n: int, dim: int, icfg: IndexConfig, sample_uids: np.ndarray,
         started = time.time()
         p = IndexParams(**{**params.to_dict(), "reasons": list(params.reasons)})
         p.train_size = int(len(t_idx))
-        index = core.train_index(p, v[t_idx], icfg.use_gpu, icfg.seed)
+        index = core.train_index(p, v[t_idx], icfg.use_gpu, icfg.seed,
+                                 icfg.opq_iterations)
         trained[mod] = core.serialize(index)
         timings[f"train_{mod}_s"] = round(time.time() - started, 2)
         per_mod_params[mod] = p
