@@ -26,7 +26,6 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from laion_spark.config import IndexConfig  # noqa: E402
 from laion_spark.index import core  # noqa: E402
 from laion_spark.index.params import choose_params  # noqa: E402
 from laion_spark.index.synthetic import clustered_vectors  # noqa: E402
@@ -64,8 +63,7 @@ def build_ours(x: np.ndarray, budget: int, latency_ms: float, n_parts: int, seed
     params = choose_params(len(x), x.shape[1], budget)
     rng = np.random.default_rng(seed)
     sample = x[np.sort(rng.choice(len(x), params.train_size, replace=False))]
-    trained = core.serialize(core.train_index(params, sample, seed=seed,
-                                              opq_iterations=IndexConfig().opq_iterations))
+    trained = core.serialize(core.train_index(params, sample, seed=seed))
     t_train = time.time() - t0
     work = tempfile.mkdtemp(prefix="ours-")
     parts, rows = [], []

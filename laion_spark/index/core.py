@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from laion_spark.config import IndexConfig
 from laion_spark.index.params import IndexParams
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,8 @@ def new_index(params: IndexParams) -> faiss.Index:
 
 
 def train_index(params: IndexParams, sample: np.ndarray, use_gpu: bool = False,
-                seed: int = 0, opq_iterations: int = 25) -> faiss.Index:
+                seed: int = 0,
+                opq_iterations: int = IndexConfig.opq_iterations) -> faiss.Index:
     """Train an empty index on `sample` (already a uniform random sample); k-means on the GPU
     when faiss has one and it is asked for (the step where a GPU pays: 5–10×).
 

@@ -124,19 +124,17 @@ def choose_params(n: int, dim: int, budget_bytes: int, samples_per_cluster: int 
     for m in PQ_CANDIDATES:
         if m > dim // 2:
             continue
-        use_opq = (opq == "on") or (opq == "auto" and dim // m >= OPQ_MIN_DIMS)
-        if dim % m and (dim // m) * m < dim * (1 - MAX_OPQ_DIM_LOSS):
+        divides = dim % m == 0
+        if not divides and (dim // m) * m < dim * (1 - MAX_OPQ_DIM_LOSS):
             continue  # e.g. PQ192 on 512-d would drop to 384 dims: a quarter of the signal
-        if opq == "auto" and dim % m:
-            # M does not divide d: an OPQ rotation to (d // M) × M dims is what makes this
-            # code size possible (autofaiss's OPQ64_448 is the same move); without it the budget
-            # would fall back to the next divisor and leave bytes unspent.
-            use_opq = True
+        # A non-divisor M needs the OPQ rotation to (d // M) × M dims (autofaiss's OPQ64_448 is
+        # the same move); without it the budget would fall back to the next divisor unspent.
+        use_opq = opq == "on" or (opq == "auto" and (dim // m >= OPQ_MIN_DIMS or not divides))
         if use_opq:
             opq_dim = (dim // m) * m
             key = f"OPQ{m}_{opq_dim},{ivf},PQ{m}"
         else:
-            if dim % m:
+            if not divides:
                 continue
             opq_dim = 0
             key = f"{ivf},PQ{m}"
