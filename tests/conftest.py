@@ -34,6 +34,18 @@ def lake(spark, tmp_path):
 
 
 @pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server on 127.0.0.1 for the whole session (tests/s3_server.py): .endpoint,
+    .make_bucket(name) -> "s3://name", .storage_options (delta-rs), .fsspec_options (s3fs),
+    .spark_conf (spark.hadoop.fs.s3a.*)."""
+    from s3_server import S3Server  # needs moto[server] (dev extra)
+
+    server = S3Server().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
 def real_data() -> Path:
     """../shared/data/real: skip with a clear message where a clone has no ../shared."""
     if not REAL_DATA.is_dir():
