@@ -1,0 +1,280 @@
+"""The deploy files say what they do: every script passes shellcheck, the EMR/Dataproc JSON and
+commands name only files that exist in the repo (uploaded in its layout) or that the bootstrap /
+init action writes, the configs they ship load, and the cluster-side settings agree with each
+other (Python path, GPU discovery script, cgroup mount, cluster deploy mode with --files)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from laion_spark.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+DEPLOY = REPO / "deploy"
+EMR = DEPLOY / "emr"
+DATAPROC = DEPLOY / "dataproc"
+S3_PREFIX = "s3://YOUR-BUCKET/laion-spark"
+GS_PREFIX = "gs://YOUR-BUCKET/laion-spark"
+DISCOVERY = "/opt/laion-spark/bin/getGpusResources.sh"
+STAGE_JOBS = {"extract": "extract.py", "download": "download.py", "score": "score.py",
+              "index": "build_index.py"}
+
+
+def _version() -> str:
+    return re.search(r"^version\s*=\s*(\S+)", (REPO / "setup.cfg").read_text(), re.M).group(1)
+
+
+def _wheel_name() -> str:
+    return f"laion_spark-{_version()}-py3-none-any.whl"
+
+
+def _repo_path(uri: str, prefix: str) -> Path:
+    """The repo file an uploaded object is a copy of (upload.sh mirrors the repo's layout)."""
+    assert uri.startswith(prefix + "/"), f"{uri} is not under {prefix}"
+    return REPO / uri[len(prefix) + 1:]
+
+
+def _check_uploaded(uri: str, prefix: str) -> None:
+    rel = uri[len(prefix) + 1:]
+    if rel.startswith("dist/"):
+        assert rel == f"dist/{_wheel_name()}", f"{uri}: the wheel of version {_version()} is {_wheel_name()}"
+    else:
+        assert _repo_path(uri, prefix).is_file(), f"{uri} names {rel}, not a file of the repo"
+
+
+def _heredoc(script: Path, tag: str = "SCRIPT") -> str:
+    text = script.read_text()
+    m = re.search(rf"<<'{tag}'\n(.*?)\n{tag}\n", text, re.S)
+    assert m, f"{script}: no <<'{tag}' here-document"
+    return m.group(1) + "\n"
+
+
+def _scripts() -> list[Path]:
+    return sorted(DEPLOY.rglob("*.sh")) + [REPO / "scripts" / "setup-system.sh"]
+
+
+def test_shellcheck_passes_on_every_deploy_script(tmp_path):
+    shellcheck = shutil.which("shellcheck")
+    if shellcheck is None:
+        pytest.fail("shellcheck is missing: scripts/setup-system.sh installs it (Debian package shellcheck)")
+    scripts = _scripts()
+    assert len(scripts) >= 10
+    # the GPU discovery script the bootstrap / init action write on each node, checked as a file
+    discovery = tmp_path / "getGpusResources.sh"
+    discovery.write_text(_heredoc(EMR / "bootstrap.sh"))
+    proc = subprocess.run([shellcheck, "-x", *map(str, scripts), str(discovery)], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_gpu_discovery_script_prints_spark_resource_json(tmp_path):
+    """Same script on EMR and Dataproc; with a stand-in nvidia-smi it prints Spark's format."""
+    emr, dataproc = _heredoc(EMR / "bootstrap.sh"), _heredoc(DATAPROC / "init-action.sh")
+    assert emr == dataproc
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "nvidia-smi"
+    fake.write_text("#!/bin/sh\nprintf '0\\n1\\n'\n")
+    fake.chmod(0o755)
+    script = tmp_path / "discover.sh"
+    script.write_text(emr)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin"}
+    out = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout) == {"name": "gpu", "addresses": ["0", "1"]}
+    fake.write_text("#!/bin/sh\nexit 9\n")  # no driver: the script fails, Spark reports it
+    assert subprocess.run(["bash", str(script)], env=env, capture_output=True).returncode != 0
+
+
+@pytest.mark.parametrize("script", [EMR / "bootstrap.sh", DATAPROC / "init-action.sh"])
+def test_installers_hide_no_failure_and_need_no_environment(script, tmp_path):
+    text = script.read_text()
+    assert "set -euo pipefail" in text
+    assert "|| true" not in text, "a failed install must fail the node"
+    # pyspark is never installed next to the cluster's own Spark
+    assert re.search(r"pip show -q pyspark", text)
+    # started with an empty environment and no arguments it stops with its own message, not at
+    # an unbound variable
+    proc = subprocess.run(["/bin/bash", str(script)], env={"PATH": "/usr/bin:/bin"},
+                          capture_output=True, text=True, cwd=tmp_path, timeout=30)
+    assert proc.returncode != 0
+    assert "unbound variable" not in proc.stderr
+    assert "wheel" in proc.stderr, proc.stderr
+
+
+def _emr_json(name: str):
+    return json.loads((EMR / name).read_text())
+
+
+def _classification(configs: list, name: str) -> dict:
+    found = [c for c in configs if c["Classification"] == name]
+    assert len(found) == 1, f"{name}: {len(found)} classifications"
+    return found[0]
+
+
+def test_emr_steps_run_in_cluster_mode_with_shipped_config():
+    steps = _emr_json("steps.json")
+    assert [s["Name"] for s in steps] == list(STAGE_JOBS)
+    for step in steps:
+        args = step["Args"]
+        assert step["Type"] == "Spark"
+        assert args[args.index("--deploy-mode") + 1] == "cluster", step["Name"]
+        shipped = args[args.index("--files") + 1].split(",")
+        job = next(a for a in args if a.endswith(".py"))
+        assert job == f"{S3_PREFIX}/jobs/{STAGE_JOBS[step['Name']]}"
+        job_args = args[args.index(job) + 1:]
+        config = job_args[job_args.index("--config") + 1]
+        # cluster mode: --files land in the driver's working folder, so the basename is found
+        assert config in [u.rsplit("/", 1)[1] for u in shipped], step["Name"]
+        for uri in [job, *shipped]:
+            _check_uploaded(uri, S3_PREFIX)
+        for uri in shipped:
+            if uri.endswith(".yaml"):
+                load_config(_repo_path(uri, S3_PREFIX))
+        confs = dict(a.split("=", 1) for a in args[1::] if "=" in a and a.startswith("spark."))
+        if step["Name"] == "score":
+            assert confs["spark.executor.resource.gpu.amount"] == "1"
+            assert confs["spark.task.resource.gpu.amount"] == "1"
+            # an address-space limit breaks CUDA: the score step must not set one
+            assert "spark.executor.pyspark.memory" not in confs
+        else:
+            assert not any("gpu" in k for k in confs), step["Name"]
+
+
+def test_emr_configurations_agree_with_the_bootstrap():
+    configs = _emr_json("configurations.json")
+    defaults = _classification(configs, "spark-defaults")["Properties"]
+    bootstrap = (EMR / "bootstrap.sh").read_text()
+    python = re.search(r"\bpython=(\S+)", bootstrap).group(1)
+    assert defaults["spark.pyspark.python"] == f"/usr/bin/{python}"
+    assert defaults["spark.pyspark.driver.python"] == f"/usr/bin/{python}"
+    env = _classification(_classification(configs, "spark-env")["Configurations"], "export")
+    assert env["Properties"]["PYSPARK_PYTHON"] == f"/usr/bin/{python}"
+    assert defaults["spark.executor.resource.gpu.discoveryScript"] == DISCOVERY
+    assert DISCOVERY in bootstrap  # the bootstrap writes it on every node
+    assert "spark.driver.maxResultSize" in defaults
+    assert "spark.executor.memoryOverhead" in defaults
+    assert "gpu.amount" not in json.dumps(defaults)  # CPU stages ask for no GPU
+    assert _classification(configs, "capacity-scheduler")["Properties"][
+        "yarn.scheduler.capacity.resource-calculator"].endswith("DominantResourceCalculator")
+    assert "yarn.io/gpu" in _classification(configs, "yarn-site")["Properties"]["yarn.resource-types"]
+    assert _classification(configs, "delta-defaults")["Properties"]["delta.enabled"] == "true"
+
+
+def test_emr_gpu_instance_group_runs_the_yarn_gpu_plugin():
+    groups = _emr_json("instance-groups.json")
+    assert {g["InstanceGroupType"] for g in groups} == {"MASTER", "CORE", "TASK"}
+    with_gpu = [g for g in groups if g.get("Configurations")]
+    assert len(with_gpu) == 1 and with_gpu[0]["InstanceType"].startswith(("g", "p"))
+    site = _classification(with_gpu[0]["Configurations"], "yarn-site")["Properties"]
+    assert site["yarn.nodemanager.resource-plugins"] == "yarn.io/gpu"
+    mount = site["yarn.nodemanager.linux-container-executor.cgroups.mount-path"]
+    # the bootstrap mounts the devices hierarchy where the NodeManager looks for it
+    assert f"{mount}/devices" in (EMR / "bootstrap.sh").read_text()
+    ce = _classification(with_gpu[0]["Configurations"], "container-executor")["Configurations"]
+    assert _classification(ce, "gpu")["Properties"]["module.enabled"] == "true"
+    assert _classification(ce, "cgroups")["Properties"]["root"] == mount
+    # CPU groups carry no GPU plugin (a NodeManager with it and no GPU does not start)
+    assert all(not g.get("Configurations") for g in groups if g is not with_gpu[0])
+
+
+def test_emr_readme_and_upload_agree_with_the_layout():
+    readme = (EMR / "README.md").read_text()
+    for uri in set(re.findall(r"s3://YOUR-BUCKET/laion-spark/[\w./-]+", readme)):
+        uri = uri.rstrip(".")
+        if uri.endswith((".sh", ".py", ".yaml", ".whl")):
+            _check_uploaded(uri, S3_PREFIX)
+    for name in ("configurations.json", "instance-groups.json", "steps.json"):
+        assert f"file://deploy/emr/{name}" in readme or name == "steps.json"
+    upload = (EMR / "upload.sh").read_text()
+    for rel in ("conf/emr.yaml", "deploy/emr/bootstrap.sh", "jobs", "dist/"):
+        assert rel in upload
+
+
+def _dry_run(script: Path, *args: str) -> list[str]:
+    """The gcloud command the script would run (no gcloud here: --dry-run prints it)."""
+    assert "--dry-run" in args
+    out = subprocess.run(["bash", str(script), *args], capture_output=True, text=True,
+                         timeout=30, env={"PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    return shlex.split(out.stdout)
+
+
+def _flag(cmd: list[str], name: str) -> str:
+    return cmd[cmd.index(name) + 1]
+
+
+@pytest.mark.parametrize("image", ["2.2", "4.0"])
+@pytest.mark.parametrize("gpu", [None, "nvidia-l4"])
+def test_dataproc_cluster_command(image, gpu):
+    args = ["--prefix", GS_PREFIX, "--region", "europe-west4", "--image", image, "--dry-run"]
+    if gpu:
+        args += ["--gpu", gpu]
+    cmd = _dry_run(DATAPROC / "create-cluster.sh", *args)
+    assert cmd[:4] == ["gcloud", "dataproc", "clusters", "create"]
+    assert _flag(cmd, "--image-version") == image
+    actions = _flag(cmd, "--initialization-actions").split(",")
+    assert actions[-1] == f"{GS_PREFIX}/deploy/dataproc/init-action.sh"
+    _check_uploaded(actions[-1], GS_PREFIX)
+    metadata = dict(kv.split("=", 1) for kv in _flag(cmd, "--metadata").split(","))
+    _check_uploaded(metadata["laion-spark-wheel"], GS_PREFIX)
+    props = dict(kv.split("=", 1) for kv in _flag(cmd, "--properties").split(","))
+    init = (DATAPROC / "init-action.sh").read_text()
+    python = re.search(r"meta laion-spark-python (\S+)\)", init).group(1)
+    assert props["spark:spark.pyspark.python"] == python
+    assert props["spark:spark.executor.resource.gpu.discoveryScript"] == DISCOVERY
+    assert DISCOVERY in init
+    assert "spark:spark.driver.maxResultSize" in props
+    if gpu:
+        assert _flag(cmd, "--worker-accelerator").startswith(f"type={gpu},")
+        assert len(actions) == 2 and actions[0].endswith("/gpu/install_gpu_driver.sh")
+    else:
+        assert "--worker-accelerator" not in cmd and len(actions) == 1
+
+
+@pytest.mark.parametrize("stage", list(STAGE_JOBS))
+def test_dataproc_job_command(stage):
+    cmd = _dry_run(DATAPROC / "submit.sh", "--prefix", GS_PREFIX, "--region", "europe-west4",
+                   "--dry-run", stage, "--set", "download.shard_size=5000")
+    assert cmd[:5] == ["gcloud", "dataproc", "jobs", "submit", "pyspark"]
+    assert cmd[5] == f"{GS_PREFIX}/jobs/{STAGE_JOBS[stage]}"
+    _check_uploaded(cmd[5], GS_PREFIX)
+    shipped = _flag(cmd, "--files")
+    _check_uploaded(shipped, GS_PREFIX)
+    props = dict(kv.split("=", 1) for kv in _flag(cmd, "--properties").split(","))
+    assert props["spark.submit.deployMode"] == "cluster"
+    job_args = cmd[cmd.index("--") + 1:]
+    assert job_args[:2] == ["--config", shipped.rsplit("/", 1)[1]]
+    assert job_args[2:] == ["--set", "download.shard_size=5000"]
+    load_config(_repo_path(shipped, GS_PREFIX), ["download.shard_size=5000"])
+    assert ("spark.task.resource.gpu.amount" in props) == (stage == "score")
+
+
+@pytest.mark.parametrize("name,scheme", [("emr.yaml", "s3://"), ("dataproc.yaml", "gs://")])
+def test_cluster_configs_load_and_put_the_index_under_the_lake(name, scheme):
+    def index_output(cfg) -> str:  # "" means <lake.root>/_indices
+        return cfg.index.output or cfg.lake.root.rstrip("/") + "/_indices"
+
+    cfg = load_config(REPO / "conf" / name)
+    assert cfg.lake.root.startswith(scheme)
+    out = index_output(cfg)
+    assert out.startswith(cfg.lake.root.rstrip("/") + "/"), \
+        f"index.output {out} is not under lake.root {cfg.lake.root}"
+    local = load_config(REPO / "conf" / "local.yaml")
+    # the same place relative to the lake as the local default
+    assert out[len(cfg.lake.root):] == index_output(local)[len(local.lake.root):]
+
+
+def test_gcs_extra_declared():
+    setup = (REPO / "setup.cfg").read_text()
+    m = re.search(r"^gcs\s*=\s*\n((?:[ \t]+\S.*\n)+)", setup, re.M)
+    assert m and "gcsfs" in m.group(1)
+    # the Dataproc init action installs it by default
+    assert "extras=$(meta laion-spark-extras gcs)" in (DATAPROC / "init-action.sh").read_text()
+
