@@ -184,17 +184,84 @@ def test_emr_gpu_instance_group_runs_the_yarn_gpu_plugin():
     assert all(not g.get("Configurations") for g in groups if g is not with_gpu[0])
 
 
-def test_emr_readme_and_upload_agree_with_the_layout():
-    readme = (EMR / "README.md").read_text()
-    for uri in set(re.findall(r"s3://YOUR-BUCKET/laion-spark/[\w./-]+", readme)):
-        uri = uri.rstrip(".")
-        if uri.endswith((".sh", ".py", ".yaml", ".whl")):
-            _check_uploaded(uri, S3_PREFIX)
-    for name in ("configurations.json", "instance-groups.json", "steps.json"):
-        assert f"file://deploy/emr/{name}" in readme or name == "steps.json"
-    upload = (EMR / "upload.sh").read_text()
-    for rel in ("conf/emr.yaml", "deploy/emr/bootstrap.sh", "jobs", "dist/"):
-        assert rel in upload
+def _fake_cli(bin_dir: Path, name: str, bucket: Path, prefix: str) -> None:
+    """A stand-in `aws` / `gcloud` whose `cp SRC PREFIX/REL` copies SRC to bucket/REL."""
+    bin_dir.mkdir(exist_ok=True)
+    cli = bin_dir / name
+    cli.write_text(f"""#!/bin/bash
+set -euo pipefail
+args=()
+for a in "$@"; do [[ $a == --* ]] || args+=("$a"); done
+# aws s3 cp SRC DST | gcloud storage cp SRC DST
+src=${{args[2]}} dst=${{args[3]}}
+[[ $dst == "{prefix}/"* ]] || {{ echo "copy outside {prefix}: $dst" >&2; exit 3; }}
+rel=${{dst#"{prefix}/"}}
+mkdir -p "{bucket}/$(dirname "$rel")"
+cp "$src" "{bucket}/$rel"
+""")
+    cli.chmod(0o755)
+
+
+@pytest.fixture(scope="module")
+def uploaded(tmp_path_factory):
+    """deploy/upload.sh run against stand-in object stores: {scheme: folder as the bucket}."""
+    import sys
+
+    root = tmp_path_factory.mktemp("upload")
+    buckets = {"s3": root / "s3", "gs": root / "gs"}
+    _fake_cli(root / "bin", "aws", buckets["s3"], S3_PREFIX)
+    _fake_cli(root / "bin", "gcloud", buckets["gs"], GS_PREFIX)
+    env = {"PATH": f"{root / 'bin'}:{Path(sys.executable).parent}:/usr/bin:/bin",
+           "HOME": str(root)}
+    out = subprocess.run(["bash", str(DEPLOY / "upload.sh"), S3_PREFIX, "--python", sys.executable],
+                         env=env, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    wheel = buckets["s3"] / "dist" / _wheel_name()
+    out = subprocess.run(["bash", str(DEPLOY / "upload.sh"), GS_PREFIX, "--wheel", str(wheel)],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return buckets
+
+
+def _uploaded_files(bucket: Path) -> set[str]:
+    return {str(p.relative_to(bucket)) for p in bucket.rglob("*") if p.is_file()}
+
+
+def test_upload_puts_every_named_file_in_the_bucket(uploaded):
+    """What the EMR and Dataproc files name under the prefix is exactly what upload.sh puts there."""
+    named = {"s3": set(), "gs": set()}
+    texts = [(EMR / n).read_text() for n in ("steps.json", "README.md")]
+    for text in texts:
+        named["s3"] |= {u[len(S3_PREFIX) + 1:] for u in re.findall(r"s3://YOUR-BUCKET/laion-spark/[\w./-]+\w", text)
+                        if u.endswith((".sh", ".py", ".yaml", ".whl"))}
+    for stage in STAGE_JOBS:
+        cmd = _dry_run(DATAPROC / "submit.sh", "--prefix", GS_PREFIX, "--region", "r", "--dry-run", stage)
+        named["gs"] |= {cmd[5][len(GS_PREFIX) + 1:], _flag(cmd, "--files")[len(GS_PREFIX) + 1:]}
+    cmd = _dry_run(DATAPROC / "create-cluster.sh", "--prefix", GS_PREFIX, "--region", "r", "--dry-run")
+    named["gs"].add(_flag(cmd, "--initialization-actions")[len(GS_PREFIX) + 1:])
+    named["gs"].add(_flag(cmd, "--metadata").split("=", 1)[1][len(GS_PREFIX) + 1:])
+    assert f"dist/{_wheel_name()}" in named["s3"] and "deploy/emr/bootstrap.sh" in named["s3"]
+    for scheme, bucket in uploaded.items():
+        files = _uploaded_files(bucket)
+        assert named[scheme] <= files, named[scheme] - files
+        for rel in files - {f"dist/{_wheel_name()}"}:  # byte copies of the checkout's files
+            assert (bucket / rel).read_bytes() == (REPO / rel).read_bytes(), rel
+
+
+def test_wheel_holds_what_the_jobs_import(uploaded):
+    """The wheel the bootstrap / init action install holds every command module the jobs reach."""
+    import zipfile
+
+    from laion_spark.job import COMMANDS
+
+    with zipfile.ZipFile(uploaded["s3"] / "dist" / _wheel_name()) as zf:
+        names = set(zf.namelist())
+    for job in (REPO / "jobs").glob("*.py"):
+        assert "from laion_spark.job import submit_main" in job.read_text()
+    assert "laion_spark/job.py" in names and "laion_spark/cli.py" in names
+    for cmd in COMMANDS:
+        module = cmd.module.replace(".", "/")
+        assert f"{module}.py" in names or f"{module}/__init__.py" in names, cmd.module
 
 
 def _dry_run(script: Path, *args: str) -> list[str]:
