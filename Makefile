@@ -17,6 +17,7 @@ $(STAMP): setup.cfg pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
 	$(BIN)/python -m pip install -q $(FIND_LINKS) torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q --no-deps clip-retrieval==2.45.0  # its ClipClient + front for the serve tests, not its heavy deps
 	@touch $(STAMP)
 
 demo: setup

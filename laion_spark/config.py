@@ -163,6 +163,34 @@ class DemoConfig:
 
 
 @dataclass
+class ServeConfig:
+    """`laion-spark serve`: the search service's limits and its server-side filter defaults."""
+
+    host: str = "127.0.0.1"
+    port: int = 1234
+    workers: int = 2  # uvicorn worker processes, each with its own encoders and mmapped index
+    device: str = "cpu"  # query encoders: cpu | cuda | auto
+    max_num_images: int = 10_000  # results with metadata per query; over it is a 400
+    max_num_result_ids: int = 100_000  # ids one query may ask faiss for; over it is a 400
+    max_body_bytes: int = 16_000_000  # request body (a base64 image); over it is a 413
+    max_image_bytes: int = 10_000_000  # decoded query image bytes (upload or image_url)
+    max_image_pixels: int = 40_000_000  # width x height of a query image; over it: decompression bomb
+    max_text_chars: int = 2_000  # query text; longer is cut, not refused
+    url_deadline_s: float = 10.0  # image_url fetch, total (through the downloader's fetcher)
+    max_metadata_ids: int = 10_000  # ids per /metadata call
+    safe_mode: bool = True  # drop punsafe > nsfw_threshold unless the query turns it off
+    nsfw_threshold: float = 0.5
+    dedup_urls: bool = True  # collapse duplicate URLs (best-ranked kept) unless turned off
+    near_dup_threshold: float = 0.94  # cosine among results' reconstructed vectors
+    near_dup_max_results: int = 20_000  # near-dup pass runs on at most this many top results
+    large_k_nprobe_per: int = 3_000  # k >= 100k: nprobe raised to ceil(k / this), as clip back
+    export_max_rows: int = 10_000  # rows one export may hold
+    columns_to_return: list[str] = field(default_factory=lambda: [
+        "url", "caption", "similarity", "punsafe", "pwatermark", "width", "height", "uid",
+        "language", "language_group"])
+
+
+@dataclass
 class Config:
     """The whole tree; every stage reads its own section."""
 
@@ -173,6 +201,7 @@ class Config:
     score: ScoreConfig = field(default_factory=ScoreConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
 
 def _type_name(tp: Any) -> str:

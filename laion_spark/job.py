@@ -36,6 +36,8 @@ COMMANDS: list[Command] = [
     Command("train-demo-clip", "laion_spark.score.demo_model",
             "train the small demo CLIP on generated images and captions"),
     Command("index", "laion_spark.index.job", "pairs -> faiss IVF-PQ indices + metadata"),
+    Command("serve", "laion_spark.serve.job",
+            "search service + web page over index folders (clip-retrieval compatible)"),
     Command("sql", "laion_spark.sql.query", "run SQL over every table of the lake"),
     Command("demo", "laion_spark.demo.pipeline", "run every stage on the generated demo web"),
 ]
