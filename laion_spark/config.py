@@ -68,6 +68,21 @@ class ExtractConfig:
     dedup_against_table: bool = True
     max_url_length: int = 2048
     warc_reader: str = "fastwarc"  # fastwarc | warcio (measured: see extract/README.md)
+    # Limits on one record (a record over one becomes a failure row `code: detail`; the file goes on).
+    # Bytes of a WAT JSON payload; a larger metadata record is `too_large` (Common Crawl's are < 1 MB).
+    max_wat_json_bytes: int = 16_000_000
+    # Open-element nesting of a page before lexbor parses it: lexbor's time grows with depth × tags
+    # (16,384 nested <div>: ~1.3 s; 128k: 70 s). Deeper is `too_deep`. Pages with at most this
+    # many `<` (and n²/2 ≤ max_html_parse_work) cannot exceed either limit and are not scanned.
+    max_html_depth: int = 16384
+    # Estimated tree-building work of a page (the sum of open-element depths over its start tags):
+    # 1.5e8 ≈ 1.5-2 s of lexbor (4,000 deep + 100k <div></div>: 4e8, 4 s). Over it is `too_deep`.
+    max_html_parse_work: int = 150_000_000
+    # Hash every complete block against WARC-Block-Digest (always on for blocks that swallowed a
+    # record header); costs ~25 % of the WARC path per core, so off by default.
+    verify_digests: bool = False
+    # fetch_time outside [min_fetch_year, now + 1 day] is null with a `bad_date` failure row.
+    min_fetch_year: int = 1990
 
 
 @dataclass
