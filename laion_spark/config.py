@@ -119,6 +119,11 @@ class DownloadConfig:
     retry_failed: bool = False
     shards_per_commit: int = 8  # shards downloaded per Delta commit (the resume granularity)
     compression: str = "snappy"  # Parquet codec of `images` (its JPEG/WEBP bytes do not shrink)
+    dns_negative_ttl_s: float = 300.0  # a name that did not resolve is not looked up again in a task for this long
+    max_dns_cache_entries: int = 4096  # per task; least recently used names are dropped first
+    # host -> "address[:port]" used instead of DNS (tests and archive replays only; "*" = every host).
+    # The address still passes the address rules (so 127.0.0.1 needs allow_loopback).
+    connect_to: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass

@@ -1,12 +1,14 @@
 """A loopback HTTP server that misbehaves in every way the downloader must survive (tests only)."""
 from __future__ import annotations
 
+import gzip
 import io
 import struct
 import threading
 import time
 import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import unquote
 
 from PIL import Image
 
@@ -59,12 +61,15 @@ class MisbehavingServer:
 
     def __init__(self) -> None:
         self.jpeg = make_jpeg()
+        # made once: the same URL gives the same bytes (row determinism tests)
+        self.gif, self.tiny = make_gif(), make_jpeg(8, 8, quality=30)
         self.hits: dict[str, int] = {}
         self.lock = threading.Lock()
         self.stopping = threading.Event()
         self.concurrent = 0
         self.max_concurrent = 0
         self.host_headers: list[str] = []
+        self.requests: list[tuple[str, str, str]] = []  # (path, User-Agent, Accept) of every request
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -79,6 +84,8 @@ class MisbehavingServer:
                     server.hits[path] = server.hits.get(path, 0) + 1
                     n = server.hits[path]
                     server.host_headers.append(self.headers.get("Host", ""))
+                    server.requests.append((path, self.headers.get("User-Agent", ""),
+                                            self.headers.get("Accept", "")))
                 try:
                     server.route(self, path, n)
                 except (BrokenPipeError, ConnectionResetError, OSError):
@@ -125,7 +132,7 @@ class MisbehavingServer:
         elif path == "/png-rgba":
             self.send(h, 200, make_png_rgba(), "image/png")
         elif path == "/gif":
-            self.send(h, 200, make_gif(), "image/gif")
+            self.send(h, 200, self.gif, "image/gif")
         elif path == "/rotated":
             self.send(h, 200, make_jpeg(400, 200, exif_orientation=6))
         elif path == "/404":
@@ -178,7 +185,7 @@ class MisbehavingServer:
         elif path == "/robots-other-bot":
             self.send(h, 200, self.jpeg, headers={"X-Robots-Tag": "otherbot: noai"})
         elif path == "/tiny":
-            self.send(h, 200, make_jpeg(8, 8, quality=30))
+            self.send(h, 200, self.tiny)
         elif path == "/huge":
             self.send(h, 200, b"\xff\xd8" + b"\x00" * 3_000_000)
         elif path == "/429":
@@ -201,6 +208,45 @@ class MisbehavingServer:
                 self.send(h, 500, b"try again later", "text/plain")
             else:
                 self.send(h, 200, self.jpeg)
+        elif path == "/early-hints":  # 103 Early Hints, then the real answer on the same connection
+            h.wfile.write(b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n")
+            h.wfile.write(b"HTTP/1.1 102 Processing\r\n\r\n")
+            self.send(h, 200, self.jpeg)
+        elif path == "/endless-1xx":
+            h.close_connection = True
+            for _ in range(1000):
+                h.wfile.write(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n")
+        elif path == "/gzip":  # gzip-encoded although we asked for identity; Content-Length is compressed
+            self.send(h, 200, gzip.compress(self.jpeg), headers={"Content-Encoding": "gzip"})
+        elif path == "/gzip-bomb":  # 3 MB of zeros in ~3 KB, over the 2 MB cap once inflated
+            self.send(h, 200, gzip.compress(b"\0" * 3_000_000, 9), headers={"Content-Encoding": "gzip"})
+        elif path == "/gzip-corrupt":
+            body = gzip.compress(self.jpeg)
+            self.send(h, 200, body[:20] + b"\xff" * 64 + body[84:], headers={"Content-Encoding": "gzip"})
+        elif path == "/brotli":
+            self.send(h, 200, self.jpeg, headers={"Content-Encoding": "br"})
+        elif path in ("/length-superscript", "/length-negative", "/length-conflict"):
+            value = {"/length-superscript": "\u00b2", "/length-negative": "-5",
+                     "/length-conflict": f"{len(self.jpeg)}, 7"}[path]
+            h.send_response(200)
+            h.send_header("Content-Type", "image/jpeg")
+            h.send_header("Content-Length", value)  # "²" goes out as latin-1 byte 0xB2
+            h.end_headers()
+            h.close_connection = True
+            h.wfile.write(self.jpeg)
+        elif path == "/short-body":  # promises more than it sends, then hangs up
+            h.send_response(200)
+            h.send_header("Content-Type", "image/jpeg")
+            h.send_header("Content-Length", str(len(self.jpeg) + 1000))
+            h.end_headers()
+            h.close_connection = True
+            h.wfile.write(self.jpeg)
+        elif path.startswith("/redirect-to/"):  # /redirect-to/<hop count>/<url-quoted target>
+            _, _, hops, target = path.split("/", 3)
+            location = f"/redirect-to/{int(hops) - 1}/{target}" if int(hops) > 1 else unquote(target)
+            self.send(h, 302, b"", "text/plain", {"Location": location})
+        elif path == "/redirect-bad-ipv6":
+            self.send(h, 302, b"", "text/plain", {"Location": "http://[::1/x"})
         elif path == "/429-always":
             self.send(h, 429, b"slow down", "text/plain", {"Retry-After": "1"})
         else:

@@ -16,6 +16,7 @@ from typing import Optional
 from PIL import Image, ImageOps
 
 from laion_spark.config import DownloadConfig
+from laion_spark.download.safety import clean_detail
 
 RESIZE_MODES = ("no", "keep_ratio", "keep_ratio_largest", "center_crop", "border")
 OUTPUT_FORMATS = {"jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP"}
@@ -76,11 +77,11 @@ def process_image(data: bytes, cfg: DownloadConfig) -> ImageResult:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:
-        result.error = f"too_many_pixels: {exc}"
+        result.error = f"too_many_pixels: {clean_detail(str(exc))}"
         return result
     except Exception as exc:  # UnidentifiedImageError and friends
         kind = "unsupported_format" if _looks_like_svg(data) else "bad_bytes"
-        result.error = f"{kind}: {type(exc).__name__}: {str(exc)[:120]}"
+        result.error = f"{kind}: {clean_detail(f'{type(exc).__name__}: {exc}', 160)}"
         return result
     try:
         return _transform(img, data, cfg, result)
@@ -131,7 +132,8 @@ def _transform(img: Image.Image, data: bytes, cfg: DownloadConfig, result: Image
         result.error = f"too_many_pixels: {exc}"
         return result
     except Exception as exc:  # truncated data, corrupt streams
-        result.error = f"bad_bytes: {type(exc).__name__}: {str(exc)[:120]}"
+        kind = "truncated" if "truncated" in str(exc) else "bad_bytes"
+        result.error = f"{kind}: {clean_detail(f'{type(exc).__name__}: {exc}', 160)}"
         return result
     result.image = out.getvalue()
     result.image_format = "jpg" if out_fmt == "JPEG" else "webp"
