@@ -242,6 +242,15 @@ def create_app(spec: ServeSpec):
             "/knn-service", "/metadata", "/api/search") else None
         return response
 
+    def add_thumbnails(request: Request, indice: str, rows: list) -> None:
+        """`thumbnail`: an absolute URL of the row's image on this server (lake bytes or a
+        redirect), for clients such as clip-retrieval's front (`urlColumn: thumbnail`) whose
+        page lives on another origin."""
+        base = str(request.base_url).rstrip("/")
+        for r in rows:
+            if "url" in r:
+                r["thumbnail"] = f"{base}/api/image/{indice}/{r['id']}"
+
     def do_search(body: Any) -> search.SearchResult:
         q = search.parse_query(body, svc.indices, cfg)
         folder = svc.indices[q.indice_name]
@@ -259,6 +268,7 @@ def create_app(spec: ServeSpec):
             result = await run_in_threadpool(do_search, body)
         except QueryError as exc:
             return error(exc)
+        add_thumbnails(request, result.indice_name, result.rows)
         return dumps(result.rows)
 
     @app.post("/api/search", summary="search with our filters; results, removed counts, timings")
@@ -268,6 +278,7 @@ def create_app(spec: ServeSpec):
             result = await run_in_threadpool(do_search, body)
         except QueryError as exc:
             return error(exc)
+        add_thumbnails(request, result.indice_name, result.rows)
         return dumps({"results": result.rows, "removed": result.removed,
                       "retrieved": result.retrieved, "returned": len(result.rows),
                       "query_kind": result.query_kind, "timings_ms": result.timings_ms})
@@ -283,6 +294,7 @@ def create_app(spec: ServeSpec):
         except QueryError as exc:
             return error(exc)
         rows = await run_in_threadpool(search.rows_for, folder, ids)
+        add_thumbnails(request, folder.name, rows)
         return dumps([{"id": r.pop("id"), "metadata": r} for r in rows])
 
     @app.get("/indices-list", summary="names of the served indices")

@@ -65,6 +65,7 @@ class SearchResult:
     retrieved: int
     timings_ms: dict[str, float] = field(default_factory=dict)
     query_kind: str = ""
+    indice_name: str = ""
 
 
 def _bool(body: dict, key: str, default: bool) -> bool:
@@ -311,7 +312,7 @@ def run_search(q: Query, folder: IndexFolder, cfg: ServeConfig, dcfg: DownloadCo
             for i, s in zip(kept_ids[q.num_images:], kept_sims[q.num_images:])]
     timings["metadata_ms"] = _ms(t)
     timings["total_ms"] = _ms(started)
-    return SearchResult(head + tail, removed, retrieved, timings, kind)
+    return SearchResult(head + tail, removed, retrieved, timings, kind, folder.name)
 
 
 def rows_for(folder: IndexFolder, ids: np.ndarray, columns: Optional[list[str]] = None) -> list:
