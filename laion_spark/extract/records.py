@@ -276,6 +276,9 @@ def _fastwarc_records(stream: BinaryIO, wants_body: WantsBody, max_bytes: int,
         if wtype is None or (length == 0 and headers.get("Content-Length") is None):
             raise ExtractError("bad_warc_header", f"malformed or truncated WARC header at "
                                f"{rec.stream_pos}: {dict(headers.to_dict())!r:.200}")
+        if state is not None and length > state["max_length"]:
+            raise ExtractError("truncated", f"Content-Length {length} at {rec.stream_pos} runs "
+                                            f"past the end of the file")
         if state is not None:
             # FastWARC skips what it cannot use (the rest of a block after a Content-Length too
             # small, junk between records) without a word: in an uncompressed file the next
@@ -288,8 +291,9 @@ def _fastwarc_records(stream: BinaryIO, wants_body: WantsBody, max_bytes: int,
                                         f"of the record at {last} skipped (Content-Length too "
                                         f"small?) before the record at {pos}")
             last = pos
-            state["next"] = (pos + len(headers.status_line) + 4 + length + 4
-                             + sum(len(k) + len(v) + 4 for k, v in headers.astuples()))
+            if state["plain"]:
+                state["next"] = (pos + len(headers.status_line) + 4 + length + 4
+                                 + sum(len(k) + len(v) + 4 for k, v in headers.astuples()))
         if length <= HEAD_BYTES:  # most records: one read, no wants_body call
             block = rec.reader.read(length) if length else b""
             short = len(block) < length
@@ -299,7 +303,7 @@ def _fastwarc_records(stream: BinaryIO, wants_body: WantsBody, max_bytes: int,
         raw = RawRecord(rec.stream_pos, wtype, None, None, None, length, b"", False, False, headers)
         _read_block(rec.reader.read, raw, wants_body, max_bytes, exact=False)
         yield raw
-    if state is not None and state.get("next") is not None:
+    if state is not None and state["plain"] and state.get("next") is not None:
         end = stream.seek(0, 2)
         if end - state["next"] > GAP_TOLERANCE:
             yield ReadFailure(state["next"], f"bad_warc_header: {end - state['next']} bytes the "
@@ -315,6 +319,10 @@ def _warcio_records(stream: BinaryIO, wants_body: WantsBody, max_bytes: int,
     for rec in it:
         h = rec.rec_headers
         length_text = h.get_header("Content-Length")
+        if length_text is not None and state is not None and \
+                _content_length(length_text) > state["max_length"]:
+            raise ExtractError("truncated", f"Content-Length {length_text.strip()[:20]} runs past "
+                                            f"the end of the file")
         wtype = rec.rec_type
         if wtype is not None and not _WARC_TYPE(wtype):
             raise ExtractError("bad_warc_header", f"unreadable WARC-Type {wtype[:40]!r}")
@@ -347,6 +355,7 @@ def iter_records(stream: BinaryIO, *, reader: str = "fastwarc",
     if reader not in ("fastwarc", "warcio"):
         raise ValueError(f"extract.warc_reader must be fastwarc or warcio, got {reader!r}")
     read_records = _fastwarc_records if reader == "fastwarc" else _warcio_records
+    size = stream.seek(0, 2)
     stream.seek(0)
     first = stream.read(3)
     magic = GZIP_MAGIC if first == GZIP_MAGIC else WARC_MAGIC
@@ -360,8 +369,12 @@ def iter_records(stream: BinaryIO, *, reader: str = "fastwarc",
         stream.seek(pos)
         last_start: Optional[int] = None
         error: Optional[str] = None
-        # where the next record should start (uncompressed files, FastWARC): see _fastwarc_records
-        state: Optional[dict] = {} if magic is WARC_MAGIC and reader == "fastwarc" else None
+        # A Content-Length over what the file can hold (its size; 1000× it gzipped) is a lie
+        # that would swallow every later record; and where the next record should start
+        # (uncompressed files, FastWARC): see _fastwarc_records.
+        plain = magic is WARC_MAGIC
+        state: Optional[dict] = {"plain": plain and reader == "fastwarc",
+                                 "max_length": size if plain else 1000 * size + (1 << 20)}
         try:
             for raw in read_records(stream, wants_body, max_bytes, state):
                 if raw.__class__ is ReadFailure:
@@ -373,11 +386,19 @@ def iter_records(stream: BinaryIO, *, reader: str = "fastwarc",
                     error = (f"truncated: Content-Length {raw.content_length}, stream ended "
                              f"first")
                     break
-                if raw.complete and (verify_digests or _SWALLOWED in raw.block) \
-                        and not block_digest_ok(raw, raw.block_digest):
-                    error = (f"digest_mismatch: {raw.warc_type} record, Content-Length "
-                             f"{raw.content_length}, WARC-Block-Digest {raw.block_digest}")
-                    break
+                if verify_digests or _SWALLOWED in raw.block:
+                    digest = raw.block_digest
+                    if (digest is None or not raw.complete) and not verify_digests:
+                        # nothing to check against: a record header after a line break in a
+                        # block is taken as a Content-Length too large
+                        error = (f"bad_warc_header: the {raw.warc_type} block holds a record "
+                                 f"header at +{raw.block.find(_SWALLOWED) + 2} (Content-Length "
+                                 f"{raw.content_length} too large?)")
+                        break
+                    if not block_digest_ok(raw, digest):
+                        error = (f"digest_mismatch: {raw.warc_type} record, Content-Length "
+                                 f"{raw.content_length}, WARC-Block-Digest {digest}")
+                        break
                 yield raw
             if error is None:
                 return
@@ -390,8 +411,8 @@ def iter_records(stream: BinaryIO, *, reader: str = "fastwarc",
             yield ReadFailure(pos, error)
             search_from = pos + 1
         else:
-            resync = error.startswith(("digest_mismatch", "truncated"))
-            expected = state.get("next") if state else None
+            resync = error.startswith(("digest_mismatch", "truncated", "bad_warc_header: the "))
+            expected = state.get("next")
             if resync:
                 yield ReadFailure(last_start, error)
                 search_from = last_start + 1
