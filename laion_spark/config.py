@@ -119,6 +119,9 @@ class DownloadConfig:
     retry_failed: bool = False
     shards_per_commit: int = 8  # shards downloaded per Delta commit (the resume granularity)
     compression: str = "snappy"  # Parquet codec of `images` (its JPEG/WEBP bytes do not shrink)
+    decode_deadline_s: float = 10.0  # per image: decoding stops between input pieces after this (failed: timeout)
+    max_decode_bytes: int = 256_000_000  # pixels x bytes per pixel (+ progressive JPEG coefficients), checked before decoding (failed: too_large)
+    max_jpeg_scans: int = 100  # progressive JPEGs have ~10; each scan walks every block (failed: too_many_scans)
     dns_negative_ttl_s: float = 300.0  # a name that did not resolve is not looked up again in a task for this long
     max_dns_cache_entries: int = 4096  # per task; least recently used names are dropped first
     # host -> "address[:port]" used instead of DNS (tests and archive replays only; "*" = every host).

@@ -56,6 +56,45 @@ def png_bomb(w: int = 100_000, h: int = 100_000) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
+def solid_png(w: int, h: int, mode_bytes: int = 3) -> bytes:
+    """A valid w x h PNG (RGB, or RGBA with mode_bytes=4) of one colour, made by streaming zlib:
+    a 9000 x 9000 one is ~240 KB and never exists as pixels on this side."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    color_type = {3: 2, 4: 6}[mode_bytes]
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, color_type, 0, 0, 0)
+    row = b"\x00" + bytes([90, 140, 200, 255][:mode_bytes]) * w
+    z = zlib.compressobj(9)
+    idat = b"".join(z.compress(row) for _ in range(h)) + z.flush()
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def lying_jpeg(claimed: int = 9000) -> bytes:
+    """A real 64 x 64 JPEG whose frame header claims claimed x claimed pixels (padded past 5,000 bytes)."""
+    data = bytearray(make_jpeg(64, 64, quality=95))
+    sof = data.find(b"\xff\xc0")
+    data[sof + 5:sof + 9] = struct.pack(">HH", claimed, claimed)
+    return bytes(data[:2]) + b"\xff\xfe" + struct.pack(">H", 5002) + b"\0" * 5000 + bytes(data[2:])
+
+
+def many_scan_jpeg(size: int, extra_scans: int) -> bytes:
+    """A progressive JPEG of one grey (so each AC scan is a few dozen bytes of end-of-band runs)
+    with its last scan repeated `extra_scans` times: each repeat still walks every block."""
+    import re
+
+    img = Image.new("RGB", (size, size), (128, 128, 128))
+    out = io.BytesIO()
+    img.save(out, "JPEG", progressive=True, quality=90)
+    data = out.getvalue()
+    sos = data.rfind(b"\xff\xda")
+    dht = data.rfind(b"\xff\xc4", 0, sos)
+    start = dht if dht > data.rfind(b"\xff\xda", 0, sos) else sos
+    header_end = sos + 2 + struct.unpack(">H", data[sos + 2:sos + 4])[0]
+    end = re.compile(rb"\xff[^\x00\xd0-\xd7]").search(data, header_end).start()
+    return data[:end] + data[start:end] * extra_scans + data[end:]
+
+
 class MisbehavingServer:
     """Routes (path -> behaviour); counts hits per path; stops its dripping handlers on stop()."""
 
@@ -63,6 +102,7 @@ class MisbehavingServer:
         self.jpeg = make_jpeg()
         # made once: the same URL gives the same bytes (row determinism tests)
         self.gif, self.tiny = make_gif(), make_jpeg(8, 8, quality=30)
+        self.png_9000 = None
         self.hits: dict[str, int] = {}
         self.lock = threading.Lock()
         self.stopping = threading.Event()
@@ -247,6 +287,14 @@ class MisbehavingServer:
             self.send(h, 302, b"", "text/plain", {"Location": location})
         elif path == "/redirect-bad-ipv6":
             self.send(h, 302, b"", "text/plain", {"Location": "http://[::1/x"})
+        elif path == "/lying-jpeg":
+            self.send(h, 200, lying_jpeg(9000))
+        elif path == "/many-scans":
+            self.send(h, 200, many_scan_jpeg(1000, 300))
+        elif path == "/png-9000":
+            if self.png_9000 is None:
+                self.png_9000 = solid_png(9000, 9000, 4)
+            self.send(h, 200, self.png_9000, "image/png")
         elif path == "/429-always":
             self.send(h, 429, b"slow down", "text/plain", {"Retry-After": "1"})
         else:

@@ -305,10 +305,16 @@ HOSTILE_HTTP = {
     "/length-conflict": ("failed", "bad_response", None),  # refused by urllib3 before a response
     "/short-body": ("failed", "truncated", 200),
     "/redirect-bad-ipv6": ("failed", "bad_url", None),
+    "/lying-jpeg": ("failed", "truncated", 200),
+    "/many-scans": ("failed", "too_many_scans", 200),
+    "/png-9000": ("failed", "too_large", 200),
 }
 
 
 def test_protocol_oddities_give_clean_codes_and_the_next_url_still_downloads(server):
+    from download_server import solid_png
+
+    server.png_9000 = solid_png(9000, 9000, 4)  # made before the clock starts (a loaded box takes seconds)
     urls = []
     for i, path in enumerate(HOSTILE_HTTP):
         urls += [server.base + path, server.base + f"/ok-after-{i}"]  # same host, right after
@@ -429,3 +435,73 @@ def test_same_input_gives_identical_rows(server):
     assert "<_io.BytesIO>" in first[server.base + "/html-as-jpeg"]["error"] or \
         "cannot identify" in first[server.base + "/html-as-jpeg"]["error"]
     assert error_code(first[f"http://127.0.0.1:{dead_port}/x.jpg"]["error"]) == "connection_error"
+
+
+# --------------------------------------------------------------------------- issue 12: decode limits
+def test_jpeg_header_claiming_more_than_its_data_is_truncated():
+    from download_server import lying_jpeg
+
+    result = process_image(lying_jpeg(9000), DownloadConfig())
+    assert error_code(result.error) == "truncated", result.error
+    honest = process_image(make_jpeg(640, 480), DownloadConfig())
+    assert honest.error is None
+
+
+def test_scan_count_is_capped_before_decoding():
+    from download_server import many_scan_jpeg
+
+    assert process_image(many_scan_jpeg(512, 20), DownloadConfig(min_image_bytes=0)).error is None  # 30 scans
+    result = process_image(many_scan_jpeg(512, 200), DownloadConfig(max_jpeg_scans=100, min_image_bytes=0))
+    assert error_code(result.error) == "too_many_scans", result.error
+
+
+def test_decode_deadline_interrupts_a_slow_progressive_jpeg():
+    """90 near-empty scans over 3000 x 3000: under the scan cap, slow to decode; the deadline cuts
+    it between scans. Measured here, not assumed: the uninterrupted decode is timed first."""
+    from download_server import many_scan_jpeg
+
+    data = many_scan_jpeg(3000, 80)
+    started = time.monotonic()
+    full = process_image(data, DownloadConfig(decode_deadline_s=600))
+    full_s = time.monotonic() - started
+    assert full.error is None
+    deadline = min(0.3, full_s / 4)
+    started = time.monotonic()
+    cut = process_image(data, DownloadConfig(decode_deadline_s=deadline))
+    cut_s = time.monotonic() - started
+    assert error_code(cut.error) == "timeout", cut.error
+    assert cut_s < full_s, (cut_s, full_s)
+
+
+_MEMORY_PROBE = """
+import resource, sys
+sys.path.insert(0, {tests!r})
+from download_server import solid_png
+from laion_spark.config import DownloadConfig
+from laion_spark.download.resize import process_image
+data = solid_png({size}, {size}, 4)
+process_image(solid_png(64, 64, 4), DownloadConfig(min_image_bytes=0))  # imports and plugins loaded
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+result = process_image(data, DownloadConfig())
+print(str(result.error).split(":")[0], (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)
+"""
+
+
+@pytest.mark.parametrize("size", [9000, 5000])
+def test_decode_memory_is_bounded(size):
+    """A 9000 x 9000 RGBA PNG (324 MB as pixels; the old path peaked at ~1 GB) is refused before
+    decoding; a 5000 x 5000 one decodes with the raster plus one working copy at most."""
+    import subprocess
+
+    code = _MEMORY_PROBE.format(tests=str(Path(__file__).resolve().parent), size=size)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**__import__("os").environ})
+    assert out.returncode == 0, out.stderr
+    error, peak = out.stdout.split()[-2], int(out.stdout.split()[-1])
+    raster = size * size * 4
+    if size == 9000:
+        assert error == "too_large", out.stdout
+        assert peak < 60_000_000, peak
+    else:
+        assert error == "None", out.stdout
+        assert peak < 2.2 * raster, (peak, raster)
