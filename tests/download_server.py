@@ -8,7 +8,8 @@ import threading
 import time
 import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import unquote
+from typing import Optional
+from urllib.parse import unquote, urljoin, urlsplit
 
 from PIL import Image
 
@@ -95,6 +96,29 @@ def many_scan_jpeg(size: int, extra_scans: int) -> bytes:
     return data[:end] + data[start:end] * extra_scans + data[end:]
 
 
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address) -> None:
+        pass  # clients hanging up (on a drip, at a deadline) is the point
+
+
+def _loopback_server(handle) -> tuple[ThreadingHTTPServer, threading.Thread]:
+    """An HTTP/1.1 server on 127.0.0.1 (port chosen by the OS) whose GETs all go to handle(handler)."""
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            handle(self)
+
+    httpd = _QuietServer(("127.0.0.1", 0), Handler)
+    return httpd, threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+
 class MisbehavingServer:
     """Routes (path -> behaviour); counts hits per path; stops its dripping handlers on stop()."""
 
@@ -110,36 +134,19 @@ class MisbehavingServer:
         self.max_concurrent = 0
         self.host_headers: list[str] = []
         self.requests: list[tuple[str, str, str]] = []  # (path, User-Agent, Accept) of every request
-        server = self
+        self.httpd, self.thread = _loopback_server(self.handle)
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                path = self.path.split("?", 1)[0]
-                with server.lock:
-                    server.hits[path] = server.hits.get(path, 0) + 1
-                    n = server.hits[path]
-                    server.host_headers.append(self.headers.get("Host", ""))
-                    server.requests.append((path, self.headers.get("User-Agent", ""),
-                                            self.headers.get("Accept", "")))
-                try:
-                    server.route(self, path, n)
-                except (BrokenPipeError, ConnectionResetError, OSError):
-                    pass
-
-        class Server(ThreadingHTTPServer):
-            daemon_threads = True
-
-            def handle_error(self, request, client_address) -> None:
-                pass  # clients hanging up on a drip is the point
-
-        self.httpd = Server(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                       daemon=True)
+    def handle(self, h) -> None:
+        path = h.path.split("?", 1)[0]
+        with self.lock:
+            self.hits[path] = self.hits.get(path, 0) + 1
+            n = self.hits[path]
+            self.host_headers.append(h.headers.get("Host", ""))
+            self.requests.append((path, h.headers.get("User-Agent", ""), h.headers.get("Accept", "")))
+        try:
+            self.route(h, path, n)
+        except (BrokenPipeError, ConnectionResetError, OSError):
+            pass
 
     @property
     def base(self) -> str:
@@ -299,3 +306,79 @@ class MisbehavingServer:
             self.send(h, 429, b"slow down", "text/plain", {"Retry-After": "1"})
         else:
             self.send(h, 404, b"no route", "text/plain")
+
+
+# --------------------------------------------------------------------------- archive replay
+def replay_key(url: str) -> tuple[str, str]:
+    """(host, path?query) with percent-escapes undone, so a URL as written in a page, as requests
+    sends it and as the archive recorded it all meet."""
+    parts = urlsplit(url)
+    target = unquote(parts.path or "/") + ("?" + unquote(parts.query) if parts.query else "")
+    return (parts.hostname or "").lower(), target
+
+
+class ReplayServer:
+    """Serves a web archive's HTTP responses under their original URLs on 127.0.0.1: the host is
+    taken from the Host header (the downloader is told `connect_to = {"*": this server}`), the
+    status, headers (Location, Content-Type...) and payload as recorded."""
+
+    def __init__(self, warc_path: str) -> None:
+        from warcio.archiveiterator import ArchiveIterator
+
+        self.records: dict[tuple[str, str], tuple[int, str, list, bytes]] = {}
+        with open(warc_path, "rb") as f:
+            for rec in ArchiveIterator(f):
+                if rec.rec_type != "response" or rec.http_headers is None:
+                    continue
+                url = rec.rec_headers.get_header("WARC-Target-URI")
+                status = int(rec.http_headers.get_statuscode())
+                body = rec.content_stream().read()  # de-chunked and decoded: the payload as a client sees it
+                headers = [(k, v) for k, v in rec.http_headers.headers
+                           if k.lower() not in ("content-length", "transfer-encoding", "content-encoding",
+                                                "connection", "keep-alive")]
+                self.records.setdefault(replay_key(url), (status, url, headers, body))
+        self.hits = 0
+        self.httpd, self.thread = _loopback_server(self.handle)
+
+    def handle(self, h) -> None:
+        self.hits += 1
+        host = h.headers.get("Host", "")
+        host = host if host.endswith("]") else host.rsplit(":", 1)[0]
+        rec = self.records.get((host.lower(), replay_key("http://x" + h.path)[1]))
+        if rec is None:
+            MisbehavingServer.send(h, 404, b"not in the archive", "text/plain")
+            return
+        status, _, headers, body = rec
+        h.send_response(status)
+        for k, v in headers:
+            h.send_header(k, v)
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        h.wfile.write(body)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.httpd.server_address[1]}"
+
+    def resolve(self, url: str, max_hops: int = 5) -> Optional[tuple[int, bytes, str]]:
+        """(status, payload, content type) the archive ends at for `url`, following its redirects."""
+        for _ in range(max_hops + 1):
+            rec = self.records.get(replay_key(url))
+            if rec is None:
+                return None
+            status, original, headers, body = rec
+            header = {k.lower(): v for k, v in headers}
+            if status in (301, 302, 303, 307, 308) and "location" in header:
+                url = urljoin(original, header["location"])
+                continue
+            return status, body, header.get("content-type", "")
+        return None
+
+    def start(self) -> "ReplayServer":
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=5)
