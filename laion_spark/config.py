@@ -44,7 +44,12 @@ class LakeConfig:
     root: str = "./lake"
     backend: str = "auto"  # auto | delta-spark | delta-rs
     storage_options: dict[str, str] = field(default_factory=dict)
-    target_file_rows: int = 250_000
+    target_file_rows: int = 250_000  # `maintain` compacts files toward this many rows (x avg row bytes)
+    max_file_bytes: int = 1_073_741_824  # ...but never above this size per compacted file (images rows)
+    vacuum_retention_hours: float = 168.0  # removed files kept this long (time travel, readers in flight)
+    staging_grace_hours: float = 24.0  # an unreferenced part-* folder younger than this may be a live write
+    cluster_columns: dict[str, list[str]] = field(
+        default_factory=lambda: {"candidates": ["uid"]})  # z-order per table (serves the uid anti-join)
 
 
 @dataclass

@@ -64,6 +64,10 @@ def run_demo(ctx, out_dir: str | None = None, n_pages: int | None = None,
             summary = getattr(module, fn_name)(ctx.spark, cfg, ctx.lake)
             log.info("stage %s done in %.1fs: %s", stage, time.time() - started, summary)
             results[stage] = summary
+        if not stages or "maintain" in stages:  # compact, checkpoint, vacuum: what a cron would do
+            from laion_spark.maintain import run_maintain
+
+            results["maintain"] = run_maintain(ctx.spark, cfg, ctx.lake)
     print_lake_summary(ctx)
     return results
 
