@@ -10,7 +10,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import yaml
 
@@ -150,11 +150,13 @@ class ScoreConfig:
     nsfw_head: Optional[str] = None
     watermark_head: Optional[str] = None
     toxic_head: Optional[str] = None
-    preprocess_threads: int = 2
+    preprocess_threads: Union[int, str] = "auto"  # decode threads per task; auto: the executor's cores per task
     prefetch_batches: int = 2  # decoded batches queued ahead of the model
     partitions: Optional[int] = None  # repartition the images rows (None: keep the read's split)
     shards_per_commit: int = 64  # images shards scored and committed to pairs per Delta commit
     load_log_dir: Optional[str] = None  # each executor process appends a line per model load (tests)
+    broadcast_max_bytes: int = 536_870_912  # larger models (ViT-L/H) are loaded by executors from their path
+    model_cache_dir: Optional[str] = None  # executors' local copy of path-loaded models (default: temp dir)
 
 
 @dataclass
