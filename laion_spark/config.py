@@ -212,7 +212,7 @@ class ServeConfig:
     nsfw_threshold: float = 0.5
     dedup_urls: bool = True  # collapse duplicate URLs (best-ranked kept) unless turned off
     near_dup_threshold: float = 0.94  # cosine among results' reconstructed vectors
-    near_dup_max_results: int = 20_000  # near-dup pass runs on at most this many top results
+    near_dup_max_results: int = 5_000  # the near-dup pass covers this many best results (n² cost)
     large_k_nprobe_per: int = 3_000  # k >= 100k: nprobe raised to ceil(k / this), as clip back
     export_max_rows: int = 10_000  # rows one export may hold
     columns_to_return: list[str] = field(default_factory=lambda: [

@@ -18,22 +18,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from laion_spark.serve.app import ServeSpec
-from serve_fixtures import clip_front_dir, demo_index, free_port, running
+from serve_fixtures import clip_front_dir, free_port, truth, url  # noqa: F401
 
 log = logging.getLogger(__name__)
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-
-
-@pytest.fixture(scope="module")
-def truth(tmp_path_factory, demo_clip_dir):
-    return demo_index(tmp_path_factory.getbasetemp(), demo_clip_dir)
-
-
-@pytest.fixture(scope="module")
-def url(truth):
-    spec = ServeSpec(indices=[("demo", truth["index"])], lake_root=truth["lake"])
-    with running(spec) as base:
-        yield base
 
 
 @pytest.fixture(scope="module")
