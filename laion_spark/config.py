@@ -125,7 +125,9 @@ class DownloadConfig:
     shards_per_commit: int = 8  # shards downloaded per Delta commit (the resume granularity)
     compression: str = "snappy"  # Parquet codec of `images` (its JPEG/WEBP bytes do not shrink)
     decode_deadline_s: float = 10.0  # per image: decoding stops between input pieces after this (failed: timeout)
-    max_decode_bytes: int = 256_000_000  # pixels x bytes per pixel (+ progressive JPEG coefficients), checked before decoding (failed: too_large)
+    # Estimated peak of decoding one image (raster + one working copy + progressive JPEG coefficients),
+    # from the header, before decoding (failed: too_large). Two decode workers per task: 2x this.
+    max_decode_bytes: int = 256_000_000
     max_jpeg_scans: int = 100  # progressive JPEGs have ~10; each scan walks every block (failed: too_many_scans)
     dns_negative_ttl_s: float = 300.0  # a name that did not resolve is not looked up again in a task for this long
     max_dns_cache_entries: int = 4096  # per task; least recently used names are dropped first

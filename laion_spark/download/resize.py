@@ -169,13 +169,18 @@ _BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "
 
 
 def decode_bytes_estimate(img: Image.Image, size: tuple[int, int], layout: Optional[JpegLayout]) -> int:
-    """Memory the decode needs, from the header: the raster Pillow allocates (pixels x its bytes per
-    pixel: 1 for L/P, 2 for 16-bit grey, 4 for every multi-band mode) plus, for progressive JPEG,
-    libjpeg's whole-image coefficient buffer (64 x 2 bytes per block, whatever the draft scale)."""
-    raster = size[0] * size[1] * _BYTES_PER_PIXEL.get(img.mode, 4)
+    """Peak memory of decoding and shrinking, from the header alone: the raster Pillow allocates
+    (pixels x its bytes per pixel: 1 for L/P, 2 for 16-bit grey, 4 for every multi-band mode),
+    one full-size 4-byte working copy unless the mode is RGB or L (a conversion for P/CMYK/16-bit,
+    the premultiplied copy Pillow resizes RGBA/LA in), and for progressive JPEG libjpeg's
+    whole-image coefficient buffer (64 x 2 bytes per 8x8 block, whatever the draft scale)."""
+    pixels = size[0] * size[1]
+    need = pixels * _BYTES_PER_PIXEL.get(img.mode, 4)
+    if img.mode not in ("RGB", "L"):
+        need += pixels * 4
     if layout is not None and layout.progressive:
-        raster += layout.blocks * 128
-    return raster
+        need += layout.blocks * 128
+    return need
 
 
 def process_image(data: bytes, cfg: DownloadConfig) -> ImageResult:
@@ -235,24 +240,35 @@ def _transform(img: Image.Image, cfg: DownloadConfig, result: ImageResult,
             result.error = (f"truncated: {w}x{h} JPEG has {layout.blocks} blocks but "
                             f"{layout.entropy_bytes} bytes of coded data")
             return result
+    result.original_width, result.original_height = w, h
     try:
-        orientation = int(img.getexif().get(0x0112, 1) or 1)
-    except Exception:
-        orientation = 1
-    swaps = orientation in _SWAPS_AXES
-    ow, oh = (h, w) if swaps else (w, h)
-    result.original_width, result.original_height = ow, oh
-    tw, th = target_size(ow, oh, cfg)
-    try:
-        if fmt == "JPEG" and (tw < ow or th < oh):
-            draft_size = (th, tw) if swaps else (tw, th)
-            img.draft("RGB" if img.mode not in ("L", "CMYK") else img.mode, draft_size)
-        need = decode_bytes_estimate(img, img.size, layout if fmt == "JPEG" else None)
-        if need > cfg.max_decode_bytes:
-            result.error = (f"too_large: decoding {w}x{h} {img.mode} needs ~{need} bytes "
-                            f"> max_decode_bytes {cfg.max_decode_bytes}")
-            return result
-        img.load()
+        if fmt != "JPEG":
+            # No reduced decode outside JPEG: the whole raster is what counts. Load now, under the
+            # limits, because PNG keeps EXIF after the pixels and reading it decodes them anyway.
+            refused = _over_memory(img, None, cfg)
+            if refused:
+                result.error = refused
+                return result
+            img.load()
+        try:
+            orientation = int(img.getexif().get(0x0112, 1) or 1)
+        except DecodeTimeout:
+            raise
+        except Exception:
+            orientation = 1
+        swaps = orientation in _SWAPS_AXES
+        ow, oh = (h, w) if swaps else (w, h)
+        result.original_width, result.original_height = ow, oh
+        tw, th = target_size(ow, oh, cfg)
+        if fmt == "JPEG":
+            if tw < ow or th < oh:
+                draft_size = (th, tw) if swaps else (tw, th)
+                img.draft("RGB" if img.mode not in ("L", "CMYK") else img.mode, draft_size)
+            refused = _over_memory(img, layout, cfg)
+            if refused:
+                result.error = refused
+                return result
+            img.load()
         # Shrink first, at the stored orientation, so rotation and conversion work on the small
         # image: the peak stays near the decoded raster plus one working copy.
         if img.mode not in ("RGB", "RGBA", "L", "LA"):
@@ -287,6 +303,13 @@ def _transform(img: Image.Image, cfg: DownloadConfig, result: ImageResult,
     result.image_format = "jpg" if out_fmt == "JPEG" else "webp"
     result.width, result.height = img.size
     return result
+
+
+def _over_memory(img: Image.Image, layout: Optional[JpegLayout], cfg: DownloadConfig) -> Optional[str]:
+    need = decode_bytes_estimate(img, img.size, layout)
+    if need <= cfg.max_decode_bytes:
+        return None
+    return f"too_large: decoding {img.size[0]}x{img.size[1]} {img.mode} needs ~{need} bytes > max_decode_bytes {cfg.max_decode_bytes}"
 
 
 _TRANSPOSE = {
