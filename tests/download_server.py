@@ -134,6 +134,7 @@ class MisbehavingServer:
         self.max_concurrent = 0
         self.host_headers: list[str] = []
         self.requests: list[tuple[str, str, str]] = []  # (path, User-Agent, Accept) of every request
+        self.cookies: list = []  # the Cookie header of every request (None when absent)
         self.httpd, self.thread = _loopback_server(self.handle)
 
     def handle(self, h) -> None:
@@ -143,6 +144,7 @@ class MisbehavingServer:
             n = self.hits[path]
             self.host_headers.append(h.headers.get("Host", ""))
             self.requests.append((path, h.headers.get("User-Agent", ""), h.headers.get("Accept", "")))
+            self.cookies.append(h.headers.get("Cookie"))
         try:
             self.route(h, path, n)
         except (BrokenPipeError, ConnectionResetError, OSError):
@@ -214,6 +216,8 @@ class MisbehavingServer:
                 h.wfile.flush()
         elif path.startswith("/loop"):
             self.send(h, 302, b"", "text/plain", {"Location": "/loop-b" if path == "/loop-a" else "/loop-a"})
+        elif path == "/set-cookie":
+            self.send(h, 200, self.jpeg, headers={"Set-Cookie": "track=1; Path=/"})
         elif path == "/redirect-ok":
             self.send(h, 302, b"", "text/plain", {"Location": "/ok-after-redirect"})
         elif path == "/redirect-private":

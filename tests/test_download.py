@@ -342,6 +342,17 @@ def test_user_agent_and_accept_are_sent_on_every_request_and_hop(server):
         assert "image/*" in accept, (path, accept)
 
 
+
+def test_no_cookie_is_kept_between_requests(server):
+    fetcher = Fetcher(_cfg())
+    try:
+        assert fetcher.fetch(server.base + "/set-cookie").ok
+        assert fetcher.fetch(server.base + "/ok").ok
+    finally:
+        fetcher.close()
+    assert server.cookies == [None, None]
+
+
 @pytest.mark.parametrize("url,code", [
     ("http://[::1/", "bad_url"), ("http://[::1", "bad_url"), ("http://a.test:99999/x", "bad_url"),
     ("http://a.test:-1/x", "bad_url"), ("http:///x.jpg", "bad_url"), ("http://", "bad_url"),

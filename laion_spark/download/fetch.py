@@ -10,6 +10,7 @@ blocked read at once.
 from __future__ import annotations
 
 import email.utils
+import http.cookiejar
 import heapq
 import itertools
 import logging
@@ -341,6 +342,8 @@ class Fetcher:
         if session is None:
             session = requests.Session()
             session.trust_env = False  # no proxies or netrc from the environment: we pin addresses
+            # No cookie is kept or sent: prepare_request would add the jar's cookies to every request.
+            session.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
             adapter = PinnedAddressAdapter(self.policy, on_conn=self.watchdog.note_connection)
             session.mount("http://", adapter)
             session.mount("https://", adapter)
