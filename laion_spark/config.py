@@ -77,12 +77,13 @@ class ExtractConfig:
     # Bytes of a WAT JSON payload; a larger metadata record is `too_large` (Common Crawl's are < 1 MB).
     max_wat_json_bytes: int = 16_000_000
     # Open-element nesting of a page before lexbor parses it: lexbor's time grows with depth × tags
-    # (16,384 nested <div>: ~1.3 s; 128k: 70 s). Deeper is `too_deep`. Pages with at most this
-    # many `<` (and n²/2 ≤ max_html_parse_work) cannot exceed either limit and are not scanned.
-    max_html_depth: int = 16384
+    # (16,384 nested <div>: ~1.3 s; 128k: 70 s). Deeper is `too_deep`.
+    max_html_depth: int = 32_768
     # Estimated tree-building work of a page (the sum of open-element depths over its start tags):
-    # 1.5e8 ≈ 1.5-2 s of lexbor (4,000 deep + 100k <div></div>: 4e8, 4 s). Over it is `too_deep`.
-    max_html_parse_work: int = 150_000_000
+    # 4e8 ≈ 4 s of lexbor (4,000 deep, then 100k <div></div>). Over it is `too_deep` as well. A page
+    # with n start tags has depth ≤ n and work ≤ n²/2, so pages with at most 32,768 (these two
+    # defaults) are not scanned: a page that passes costs lexbor ≤ ~5 s, a record's worst case.
+    max_html_parse_work: int = 540_000_000
     # Hash every complete block against WARC-Block-Digest (always on for blocks that swallowed a
     # record header); costs ~25 % of the WARC path per core, so off by default.
     verify_digests: bool = False

@@ -131,7 +131,7 @@ def test_lf_only_http_headers_lose_no_pairs(tmp_path, reader):
 
 # ----------------------------------------------------------------------------- HTML depth
 @pytest.mark.parametrize("page", [b"<body>" + b"<div>" * 200_000 + b"<img src=/a.jpg alt='deep deep image'>",
-                                  b"<body>" + b"<ul>" * 5000 + b"<div></div>" * 100_000])
+                                  b"<body>" + b"<ul>" * 8000 + b"<div></div>" * 100_000])
 def test_deep_nesting_is_too_deep_before_lexbor_sees_it(tmp_path, page):
     started = time.perf_counter()
     got, offsets = with_good(tmp_path, ("http://ex.com/p1", page, (("Content-Type", "text/html"),), None))

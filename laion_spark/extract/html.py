@@ -7,6 +7,7 @@ turns every non-ASCII alt text into U+FFFD, and those are exactly the `multi` ca
 from __future__ import annotations
 
 import codecs
+import math
 import re
 from dataclasses import dataclass
 from typing import Optional
@@ -109,6 +110,7 @@ _VOID = frozenset(b"area base br col embed hr img input keygen link meta param s
 _RAW_TEXT = re.compile(rb"(?is)<(script|style|textarea|title|xmp|iframe|noembed|noframes)\b.*?"
                        rb"(?:</\1|\Z)|<!--.*?(?:-->|\Z)|<plaintext\b.*")
 _TAG_NAME = re.compile(rb"<(/?[a-zA-Z][^\s/>]*)")
+_VOID_START = re.compile(rb"<(?:" + b"|".join(sorted(_VOID)) + rb")[\s/>]")
 
 
 def html_nesting(body: bytes, max_depth: int, max_work: int) -> Optional[str]:
@@ -122,12 +124,23 @@ def html_nesting(body: bytes, max_depth: int, max_work: int) -> Optional[str]:
     non-void element opens a level, and an end tag closes one only if an element of its name is
     open (stray end tags are ignored by parsers and here; implied ends are not modelled, so the
     estimate is high, never low)."""
+    # A start tag takes 3 bytes at least (`<a>`; `<a<b>` is one tag named `a<b`), so a page of
+    # L bytes has at most L/3 + 1 of them: most pages need not even be counted.
+    most = min(max_depth, math.isqrt(2 * max_work))
+    if len(body) // 3 + 1 <= most:
+        return None
     n = body.count(b"<")
-    if n <= max_depth and n * n // 2 <= max_work:  # n start tags at most
+    if n <= most:  # n start tags at most
+        return None
+    # Fewer start tags of non-void elements than that: every `<` that is not `</`, `<!` or an
+    # exact void start tag (`<img`, `<br`… then a space, `/` or `>`; not `<imgx`).
+    low = body.lower()
+    n = n - low.count(b"</") - low.count(b"<!") - len(_VOID_START.findall(low))
+    if n <= most:
         return None
     import numpy as np
 
-    tokens = _TAG_NAME.findall(_RAW_TEXT.sub(b"", body).lower())
+    tokens = _TAG_NAME.findall(_RAW_TEXT.sub(b"", low))
     if not tokens:
         return None
     names, inverse = np.unique(np.array(tokens, dtype=object).astype(bytes), return_inverse=True)
