@@ -4,7 +4,9 @@
 
 Writes random-but-clustered L2-normalised vectors as float16 .npy (LAION's format), builds
 with autofaiss (PyPI, in its own venv .venv-peers-index, created here if missing, run as a
-subprocess) and with our core (same process, no Spark), then measures both indices the same
+subprocess) and with our core (a child process too, no Spark, the .npy memory-mapped, parts
+written in the index layout and merged on disk by default), so each build's peak RSS is its
+own (os.wait4), then measures both indices the same
 way here (same faiss, same 1,000 held-out queries, exact ground truth): build time, index size,
 recall@10 and single-query latency at each index's chosen search parameters. Prints ratios.
 """
@@ -56,29 +58,81 @@ def ensure_peer_venv() -> Path:
     return py
 
 
-def build_ours(x: np.ndarray, budget: int, latency_ms: float, n_parts: int, seed: int = 0):
-    """Our core on numpy: budget-chosen params, uniform random training sample, add in parts,
-    merge, nprobe for the latency target."""
+def build_ours(emb_path: str, out_dir: str, budget: int, latency_ms: float, n_parts: int,
+               merge: str, seed: int = 0) -> dict:
+    """Our core, as a driver with a small memory would run it: the float16 .npy memory-mapped,
+    a uniform random training sample read from it, parts added chunk by chunk and written to
+    the store layout, then merged (streamed on disk or in memory), nprobe for the latency
+    target. Runs in a child process so its peak RSS is its own."""
+    from laion_spark.index.store import Store
+
     t0 = time.time()
-    params = choose_params(len(x), x.shape[1], budget)
+    x16 = np.load(emb_path, mmap_mode="r")
+    n, d = x16.shape
+    params = choose_params(n, d, budget)
     rng = np.random.default_rng(seed)
-    sample = x[np.sort(rng.choice(len(x), params.train_size, replace=False))]
+    sample = _f32(x16[np.sort(rng.choice(n, params.train_size, replace=False))])
     trained = core.serialize(core.train_index(params, sample, seed=seed))
+    del sample
     t_train = time.time() - t0
-    work = tempfile.mkdtemp(prefix="ours-")
-    parts, rows = [], []
-    for a, b in _ranges(len(x), n_parts):
-        pb = core.PartBuilder({"image": trained}, x.shape[1], None)
-        pb.add_arrays({"image": x[a:b]}, np.arange(a, b))
-        pb.write(os.path.join(work, f"p{a}"))
-        parts.append(os.path.join(work, f"p{a}", "image.index"))
-        rows.append(b - a)
-    out = os.path.join(work, "image.index")
-    index = core.merge_parts(trained, parts, rows, out, on_disk=False)
-    nprobe, _ = core.tune_nprobe(index, x[:200], latency_ms)
+    store = Store(out_dir)
+    for stale in ("parts", "metadata", "image.index", "image.ivfdata"):
+        store.rm(stale)
+    pb = core.PartBuilder({"image": trained}, d, None)
+    parts = []
+    for a, b in _ranges(n, n_parts):
+        pb.start(int(a))
+        for c in range(a, b, 100_000):
+            e = min(b, c + 100_000)
+            pb.add_arrays({"image": _f32(x16[c:e])}, np.arange(c, e))
+        parts.append(pb.write(store))
+    del pb
+    t_add = time.time() - t0 - t_train
+    paths = [os.path.join(out_dir, "parts", p["name"], "image.index") for p in parts]
+    out = os.path.join(out_dir, "image.index")
+    if merge == "ondisk":
+        sizes = sum(np.load(os.path.join(out_dir, "parts", p["name"], "image.sizes.npy"))
+                    for p in parts)
+        index = core.merge_on_disk(trained, paths, sizes, out)
+    else:
+        index = core.merge_in_memory(trained, paths)
+        faiss.write_index(index, out)
+    t_merge = time.time() - t0 - t_train - t_add
+    nprobe, _ = core.tune_nprobe(index, _f32(x16[:200]), latency_ms)
     build_s = time.time() - t0
-    return index, out, {"build_s": build_s, "train_s": t_train, "index_key": params.index_key,
-                        "nprobe": nprobe, "reasons": params.reasons}
+    size = sum(os.path.getsize(os.path.join(out_dir, f)) for f in ("image.index", "image.ivfdata")
+               if os.path.exists(os.path.join(out_dir, f)))
+    return {"build_s": build_s, "train_s": t_train, "add_s": t_add, "merge_s": t_merge,
+            "index_key": params.index_key, "nprobe": nprobe, "merge": merge,
+            "size_bytes": size, "index_path": out, "train_size": params.train_size,
+            "reasons": params.reasons}
+
+
+def _f32(a: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(a, dtype=np.float32)
+    faiss.normalize_L2(x)
+    return x
+
+
+def _run_child(cmd: list[str]) -> tuple[str, float, int]:
+    """Run a build in a child process: (stdout, wall seconds, the child's own peak RSS bytes)."""
+    import threading
+
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    chunks: dict = {"out": [], "err": []}
+    readers = [threading.Thread(target=lambda f, k: chunks[k].extend(f), args=(proc.stdout, "out")),
+               threading.Thread(target=lambda f, k: chunks[k].extend(f), args=(proc.stderr, "err"))]
+    for r in readers:
+        r.start()
+    _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage (ru_maxrss in KiB)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    for r in readers:
+        r.join()
+    wall = time.time() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd[:3]} failed:\n{''.join(chunks['err'])[-3000:]}")
+    return "".join(chunks["out"]), wall, usage.ru_maxrss * 1024
 
 
 def _ranges(n, k):
@@ -98,6 +152,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--latency-ms", type=float, default=10.0)
     ap.add_argument("--work", default=str(REPO / "bench-out" / "index"))
     ap.add_argument("--skip-autofaiss", action="store_true")
+    ap.add_argument("--merge", default="ondisk", choices=["ondisk", "memory"])
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--child-ours":
+        emb, out, budget, lat, n_parts, merge = sys.argv[2:8]
+        logging.basicConfig(level=logging.WARNING)
+        print(json.dumps(build_ours(emb, out, int(budget), float(lat), int(n_parts), merge),
+                         default=str))
+        return {}
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
@@ -123,9 +184,16 @@ def main(argv=None) -> dict:
     none = [set() for _ in range(len(q))]
     results = {}
 
-    index, path, info = build_ours(x, budget, args.latency_ms, n_parts=max(2, cores))
+    del x
+    out, wall, rss = _run_child([sys.executable, __file__, "--child-ours", str(work / "emb" / "emb_0.npy"),
+                                 str(work / "ours"), str(budget), str(args.latency_ms),
+                                 str(max(2, cores)), args.merge])
+    info = json.loads(out.strip().splitlines()[-1])
+    info["driver_peak_rss_bytes"] = rss
+    index = (faiss.read_index(info["index_path"], faiss.IO_FLAG_ONDISK_SAME_DIR)
+             if info["merge"] == "ondisk" else faiss.read_index(info["index_path"]))
+    core.set_nprobe(index, info["nprobe"])
     info.update(core.measure_recall(index, q, truth, none))
-    info["size_bytes"] = os.path.getsize(path)
     results["ours"] = info
     log.info("ours: %s", json.dumps({k: v for k, v in info.items() if k != "reasons"}))
     del index
@@ -133,16 +201,13 @@ def main(argv=None) -> dict:
     if not args.skip_autofaiss:
         py = ensure_peer_venv()
         af_index = work / "autofaiss.index"
-        t0 = time.time()
-        proc = subprocess.run([str(py), "-c", AUTOFAISS_SCRIPT, str(work / "emb"), str(af_index),
-                               str(work / "autofaiss_infos.json"), f"{budget // 1024}K",
-                               str(cores)], capture_output=True, text=True)
-        wall = time.time() - t0
-        if proc.returncode != 0:
-            raise RuntimeError(f"autofaiss failed:\n{proc.stderr[-3000:]}")
+        _, wall, rss = _run_child([str(py), "-c", AUTOFAISS_SCRIPT, str(work / "emb"),
+                                   str(af_index), str(work / "autofaiss_infos.json"),
+                                   f"{budget // 1024}K", str(cores)])
         af_infos = json.loads((work / "autofaiss_infos.json").read_text())
         index = faiss.read_index(str(af_index))
-        af = {"build_s": wall, "index_key": af_infos.get("index_key"),
+        af = {"build_s": wall, "driver_peak_rss_bytes": rss,
+              "index_key": af_infos.get("index_key"),
               "search_params": af_infos.get("index_param")}
         if af["search_params"]:
             faiss.ParameterSpace().set_index_parameters(index, af["search_params"])
@@ -151,11 +216,12 @@ def main(argv=None) -> dict:
         results["autofaiss"] = af
         log.info("autofaiss: %s", json.dumps(af))
 
+    print(f"\nload (uptime) at the end: {os.getloadavg()}")
     print(f"\nindex benchmark: {args.n:,} × {args.dim}-d clustered vectors (float16 .npy), "
           f"budget {budget / 2**20:.0f} MiB ({args.bytes_per_vector} B/vector), {cores} cores, "
           f"{args.queries} held-out queries")
-    cols = ["index_key", "build_s", "size_bytes", "recall@1", "recall@10", "recall@100",
-            "latency_p50_ms", "latency_p99_ms"]
+    cols = ["index_key", "build_s", "size_bytes", "driver_peak_rss_bytes", "recall@1",
+            "recall@10", "recall@100", "latency_p50_ms", "latency_p99_ms"]
     for name, r in results.items():
         print(f"  {name:<10} " + "  ".join(f"{c}={_fmt(r.get(c))}" for c in cols)
               + f"  search={r.get('nprobe', r.get('search_params'))}")

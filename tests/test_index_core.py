@@ -39,29 +39,52 @@ def test_exact_topk_matches_brute_force():
     assert np.array_equal(ids, want)
 
 
-def test_on_disk_merge_equals_in_memory(tmp_path):
+@pytest.mark.parametrize("key", ["IVF64,Flat", "OPQ4_32,IVF64,PQ4"])
+def test_streamed_on_disk_merge_equals_in_memory_and_shards(tmp_path, key):
+    """Parts with global ids (one empty) merged three ways answer alike: in memory, streamed on
+    disk (faiss's OnDiskInvertedLists layout written part by part), and unmerged shards."""
     from laion_spark.index.params import choose_params
+    from laion_spark.index.store import Store
 
-    x = clustered_vectors(4000, 32, 20, seed=5)
-    params = choose_params(4000, 32, 10 ** 9)
+    table = synthetic_pairs(4000, dim=32, seed=5, n_clusters=20)
+    x = core.decode_embeddings(table.column("image_embedding").combine_chunks(), 32)
+    params = choose_params(4000, 32, 10 ** 9, index_key=key)
     trained = core.serialize(core.train_index(params, x))
-    rows = [1500, 0, 2500]
-    paths = []
-    start = 0
-    for i, n in enumerate(rows):
-        b = core.PartBuilder({"image": trained}, 32, None)
-        b.add_arrays({"image": x[start:start + n]}, np.arange(start, start + n))
-        b.write(str(tmp_path / f"p{i}"))
-        paths.append(str(tmp_path / f"p{i}" / "image.index"))
+    store = Store(str(tmp_path / "out"))
+    b = core.PartBuilder({"image": trained}, 32, None)
+    parts, start = [], 0
+    for n in (1500, 0, 2500):
+        b.start(start)
+        for batch in table.slice(start, n).to_batches(max_chunksize=1000):
+            b.add_batch(batch)
+        if n:
+            parts.append(b.write(store))
         start += n
-    mem = core.merge_parts(trained, paths, rows, str(tmp_path / "mem.index"), on_disk=False)
-    disk = core.merge_parts(trained, paths, rows, str(tmp_path / "disk.index"), on_disk=True)
-    for idx in (mem, disk):
-        core.set_nprobe(idx, 1 << 20)
-    _, i_mem = mem.search(x[::97], 1)
-    _, i_disk = disk.search(x[::97], 1)
-    assert np.array_equal(i_mem.ravel(), np.arange(4000)[::97])  # global id = row number
-    assert np.array_equal(i_mem, i_disk)
+    assert [p["name"] for p in parts] == ["000000000000-000000001500",
+                                          "000000001500-000000004000"]
+    paths = [str(tmp_path / "out" / "parts" / p["name"] / "image.index") for p in parts]
+    sizes = sum(np.load(str(tmp_path / "out" / "parts" / p["name"] / "image.sizes.npy"))
+                for p in parts)
+    mem = core.merge_in_memory(trained, paths)
+    disk = core.merge_on_disk(trained, paths, sizes, str(tmp_path / "disk.index"))
+    assert os.path.getsize(tmp_path / "disk.ivfdata") == 4000 * (
+        faiss.extract_index_ivf(mem).code_size + 8)  # capacity = size: no slack
+    shards = core.shards_index(paths, 32)
+    reread = faiss.read_index(str(tmp_path / "disk.index"), faiss.IO_FLAG_ONDISK_SAME_DIR)
+    for idx in (mem, disk, shards, reread):
+        core.set_nprobe(idx, 64)
+        assert idx.ntotal == 4000
+    _, i_mem = mem.search(x[::97], 5)
+    if key.endswith("Flat"):
+        assert np.array_equal(i_mem[:, 0], np.arange(4000)[::97])  # global id = row number
+    for idx in (disk, shards, reread):
+        _, i = idx.search(x[::97], 5)
+        assert np.array_equal(i, i_mem)
+    meta = pq.read_table(str(tmp_path / "out" / "metadata" / "000000001500-000000004000.parquet"))
+    assert meta.column("id").to_pylist() == list(range(1500, 4000))
+    assert meta.column("uid").to_pylist() == table.column("uid").to_pylist()[1500:]
+    with pa.memory_map(str(tmp_path / "out" / "metadata" / "000000001500-000000004000.arrow")) as f:
+        assert pa.ipc.open_file(f).read_all().equals(meta)
 
 
 def test_pq_index_when_the_budget_is_tight(tmp_path):

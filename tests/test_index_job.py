@@ -46,10 +46,23 @@ def _all_ids(index) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
 
+def _file_order_uids(lake, version: int) -> list[int]:
+    """uids of the indexable passing rows, reading the version's files in path order."""
+    ds = lake.arrow_dataset("pairs", version)
+    out = []
+    for f in sorted(ds.files):
+        t = pq.read_table(os.path.join(lake.table_path("pairs"), f))
+        for r in t.select(["uid", "passes_filter", "image_embedding"]).to_pylist():
+            emb = r["image_embedding"]
+            if r["passes_filter"] and emb is not None and len(emb) == DIM * 2:
+                out.append(r["uid"])
+    return out
+
+
 def _cfg(tmp_path, **index) -> Config:
     cfg = Config()
     cfg.index = IndexConfig(**{"output": str(tmp_path / "indices"), "recall_queries": 100,
-                               "rows_per_part": 700, **index})
+                               **index})
     return cfg
 
 
@@ -76,12 +89,12 @@ def test_every_passing_row_once_and_ids_map_to_uid(spark, pairs_lake, tmp_path):
     expected = _expected(table, lambda r: r["passes_filter"])
     assert summary["rows_without_embedding"] == 2
     assert summary["n_vectors"] == len(expected)
-    assert summary["parts"] >= 3
+    assert summary["parts"] >= 2
 
     meta = pq.read_table(os.path.join(out, "metadata.parquet"))
     assert meta.column("id").to_pylist() == list(range(meta.num_rows))
     uids = meta.column("uid").to_pylist()
-    assert sorted(uids) == uids  # ordered by uid
+    assert uids == _file_order_uids(lake, 1)  # ids follow (file path, row in file)
     assert set(uids) == set(expected) and len(uids) == len(expected)
 
     for m in ("image", "text"):
@@ -116,10 +129,19 @@ def test_every_passing_row_once_and_ids_map_to_uid(spark, pairs_lake, tmp_path):
 
 def test_rebuild_of_a_version_gives_same_order(spark, pairs_lake, tmp_path):
     lake, table = pairs_lake
-    first = run_index(spark, _cfg(tmp_path / "a", table_version=0, ondisk_merge="always"), lake)
-    # Different task layout and filter-equivalent SQL: the same ids must come out.
-    second = run_index(spark, _cfg(tmp_path / "b", table_version=0, rows_per_part=400,
-                                   filter="passes_filter = true"), lake)
+    first = run_index(spark, _cfg(tmp_path / "a", table_version=0, merge="ondisk"), lake)
+    # Different scan splits (one file per task vs packed) and filter-equivalent SQL: the same
+    # ids must come out.
+    old = {k: spark.conf.get(k) for k in ("spark.sql.files.maxPartitionBytes",
+                                          "spark.sql.files.openCostInBytes")}
+    spark.conf.set("spark.sql.files.maxPartitionBytes", str(1 << 30))
+    spark.conf.set("spark.sql.files.openCostInBytes", "0")
+    try:
+        second = run_index(spark, _cfg(tmp_path / "b", table_version=0, merge="memory",
+                                       filter="passes_filter = true"), lake)
+    finally:
+        for k, v in old.items():
+            spark.conf.set(k, v)
     assert first["output"].endswith("pairs-v0")
     m1 = pq.read_table(os.path.join(first["output"], "metadata.parquet"))
     m2 = pq.read_table(os.path.join(second["output"], "metadata.parquet"))
@@ -144,3 +166,64 @@ def test_filter_is_any_sql_predicate(spark, pairs_lake, tmp_path):
     expected = _expected(table, lambda r: r["similarity"] > 0.3 and r["width"] >= 300)
     meta = pq.read_table(os.path.join(summary["output"], "metadata.parquet"))
     assert set(meta.column("uid").to_pylist()) == set(expected)
+
+
+def _s3_cfg(tmp_path, s3_server, prefix: str, **index) -> Config:
+    bucket = s3_server.make_bucket("indices")
+    return _cfg(tmp_path, output=f"{bucket}/{prefix}", storage_options=s3_server.fsspec_options,
+                merge_dir=str(tmp_path / "scratch"), **index)
+
+
+def test_index_output_on_s3(spark, pairs_lake, tmp_path, s3_server):
+    """Executors write parts and metadata slices straight to s3://; the merge runs apart
+    (--merge-only, no Spark) and puts the merged index, params and recall next to them."""
+    import s3fs
+
+    from laion_spark.index.job import merge_only
+
+    lake, table = pairs_lake
+    cfg = _s3_cfg(tmp_path, s3_server, "run", merge="ondisk", merge_after_add=False)
+    parts_only = run_index(spark, cfg, lake)
+    out = parts_only["output"]
+    assert out == "s3://indices/run/pairs-v1"
+    fs = s3fs.S3FileSystem(**s3_server.fsspec_options)
+    assert not fs.exists(f"{out}/image.index")  # nothing merged yet
+    summary = merge_only(cfg, out)
+    assert summary["n_vectors"] == parts_only["n_vectors"]
+
+    expected = _expected(table, lambda r: r["passes_filter"])
+    names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{out}/metadata")
+                   if p.endswith(".arrow"))
+    metas = []
+    for name in names:
+        with fs.open(f"{out}/metadata/{name}") as f:
+            t = pa.ipc.open_file(pa.BufferReader(f.read())).read_all()
+        first, last = (int(x) for x in name[:-len(".arrow")].split("-"))
+        assert t.column("id").to_pylist() == list(range(first, last))
+        metas.append(t)
+    meta = pa.concat_tables(metas)
+    uids = meta.column("uid").to_pylist()
+    assert meta.column("id").to_pylist() == list(range(len(expected)))  # each id once, in order
+    assert sorted(uids) == sorted(expected)  # every passing row once
+    assert uids == _file_order_uids(lake, 1)
+
+    local = tmp_path / "fetched"
+    local.mkdir()
+    for f in ("image.index", "image.ivfdata"):
+        fs.get_file(f"{out}/{f}", str(local / f))
+    index = faiss.read_index(str(local / "image.index"), faiss.IO_FLAG_ONDISK_SAME_DIR)
+    assert index.ntotal == len(expected)
+    core.set_nprobe(index, 1 << 20)
+    probe = list(range(0, len(uids), 53))
+    q = core.decode_embeddings(pa.array([expected[uids[i]]["image_embedding"] for i in probe]),
+                               DIM)
+    _, found = index.search(q, 1)
+    assert (found[:, 0] == np.array(probe)).mean() > 0.95  # id → that uid's own vector
+
+    recall = json.loads(fs.cat(f"{out}/recall.json"))
+    assert recall["indices"]["image"]["image_queries"]["recall@10"] >= 0.9
+    params = json.loads(fs.cat(f"{out}/index_params.json"))
+    assert params["table_version"] == 1 and params["indices"]["text"]["merge"] == "ondisk"
+    model = json.loads(fs.cat(f"{out}/model.json"))
+    assert model["dim"] == DIM
+

@@ -10,10 +10,21 @@ def test_nlist_follows_faiss_guidelines():
     assert nlist_for(100_000)[0] == 1280  # 4√N = 1265 → 1280 (≤ 16√N = 5060)
     assert nlist_for(1_000_000)[0] == 4032  # 4√N = 4000
     assert nlist_for(5_000_000)[0] == 65_536
-    assert nlist_for(50_000_000)[0] == 262_144
-    assert nlist_for(2_000_000_000)[0] == 1_048_576
+    assert nlist_for(50_000_000)[0] == 131_072  # 262,144 by the guideline, capped at 2^17
+    assert nlist_for(5_850_000_000)[0] == 131_072
+    assert nlist_for(50_000_000, max_nlist=1 << 18, max_train_vectors=8_000_000)[0] == 262_144
+    k, why = nlist_for(50_000_000, max_train_vectors=1_000_000)
+    assert k == 32_768 and "max_train_vectors" in why  # ≥ 30 training points per centroid
     k, why = nlist_for(2_000)
     assert k == 2_000 // 39 and "capped" in why
+
+
+def test_training_sample_is_capped_at_laion_scale():
+    p = choose_params(5_850_000_000, 768, 200 * 1024 ** 3)
+    assert p.nlist == 131_072 and "IVF131072_HNSW32" in p.index_key
+    assert p.train_size == 4_000_000  # not 64 × nlist = 8.4M
+    assert choose_params(5_850_000_000, 768, 200 * 1024 ** 3,
+                         max_train_vectors=2_000_000).train_size == 2_000_000
 
 
 def test_budget_decides_the_code():

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Iterable, Optional
@@ -188,21 +189,36 @@ class QuerySet:
 
 
 class PartBuilder:
-    """Adds one partition's rows to copies of the trained empty indices, with local ids 0..n-1,
-    and keeps its metadata, its exact top-k for the queries, and the local ids of query rows."""
+    """Adds rows to copies of the trained empty indices with their global ids, one contiguous
+    id range (a part) at a time, and keeps the part's metadata, its exact top-k for the
+    queries, and the global ids of query rows. The trained indices are deserialised once per
+    task and reset between parts."""
 
     def __init__(self, trained: dict[str, bytes], dim: int, queries: Optional[QuerySet]):
         self.dim = dim
         self.indices = {m: deserialize(b) for m, b in trained.items()}
         self.queries = queries
+        self._qpos = ({int(u): i for i, u in enumerate(queries.uids.tolist())}
+                      if queries is not None and len(queries) else {})
+        self.start(0)
+
+    def start(self, first_id: int) -> None:
+        """Begin a part whose first row gets id `first_id`."""
+        for index in self.indices.values():
+            index.reset()
+        self.first = int(first_id)
         self.gt: dict[tuple[str, str], ExactTopK] = {}
-        if queries is not None and len(queries):
+        if self.queries is not None and len(self.queries):
             for idx_mod in self.indices:
-                for q_mod, q in queries.vectors.items():
+                for q_mod, q in self.queries.vectors.items():
                     self.gt[(idx_mod, q_mod)] = ExactTopK(q)
         self.metadata: list[pa.RecordBatch] = []
-        self.self_hits: list[tuple[int, int]] = []  # (query index, local id)
+        self.self_hits: list[tuple[int, int]] = []  # (query index, global id)
         self.n = 0
+
+    @property
+    def next_id(self) -> int:
+        return self.first + self.n
 
     def add_batch(self, batch: pa.RecordBatch) -> None:
         """Rows must already pass the filter and have valid embeddings (every indexed modality)."""
@@ -216,39 +232,48 @@ class PartBuilder:
     def add_arrays(self, vectors: dict[str, np.ndarray], uids: np.ndarray) -> None:
         """Add float32 normalised vectors (one array per indexed modality) with the next ids."""
         n = len(uids)
-        ids = np.arange(self.n, self.n + n, dtype=np.int64)
+        first = self.next_id
+        ids = np.arange(first, first + n, dtype=np.int64)
         for m, index in self.indices.items():
             x = vectors[m]
             index.add_with_ids(x, ids)
             for (im, qm), acc in self.gt.items():
                 if im == m:
-                    acc.add(x, self.n)
-        if self.queries is not None and len(self.queries):
+                    acc.add(x, first)
+        if self._qpos:
             hit = np.isin(uids, self.queries.uids)
-            if hit.any():
-                pos = {int(u): i for i, u in enumerate(self.queries.uids.tolist())}
-                for local in np.nonzero(hit)[0]:
-                    self.self_hits.append((pos[int(uids[local])], int(self.n + local)))
+            for local in np.nonzero(hit)[0]:
+                self.self_hits.append((self._qpos[int(uids[local])], int(first + local)))
         self.n += n
 
-    def write(self, folder: str) -> dict:
-        """Write the part (indices, metadata, ground truth) into `folder`; returns a manifest."""
-        os.makedirs(folder, exist_ok=True)
-        for m, index in self.indices.items():
-            faiss.write_index(index, os.path.join(folder, f"{m}.index"))
-        if self.metadata or self.n == 0:
-            import pyarrow.parquet as pq
+    def write(self, store, scratch: str = "") -> dict:
+        """Write the part (indices, list sizes, ground truth) to `<store>/parts/<range>/` and its
+        metadata to `<store>/metadata/<range>.parquet|.arrow`; returns its manifest."""
+        from laion_spark.index.store import range_name
 
-            table = (pa.Table.from_batches(self.metadata) if self.metadata
-                     else pa.table({c: pa.array([], type=t) for c, t in _METADATA_TYPES.items()}))
-            pq.write_table(table, os.path.join(folder, "metadata.parquet"))
-        gt = {}
-        for (im, qm), acc in self.gt.items():
-            gt[f"{im}__{qm}__scores"] = acc.scores
-            gt[f"{im}__{qm}__ids"] = acc.ids
-        hits = np.array(self.self_hits, dtype=np.int64).reshape(-1, 2)
-        np.savez(os.path.join(folder, "gt.npz"), self_hits=hits, **gt)
-        return {"rows": self.n, "folder": folder}
+        name = range_name(self.first, self.first + self.n)
+        tmp = tempfile.mkdtemp(prefix="laion-part-", dir=scratch or None)
+        try:
+            for m, index in self.indices.items():
+                local = os.path.join(tmp, f"{m}.index")
+                faiss.write_index(index, local)
+                store.put(local, f"parts/{name}/{m}.index")
+                sizes = os.path.join(tmp, f"{m}.sizes.npy")
+                np.save(sizes, list_sizes(index))
+                store.put(sizes, f"parts/{name}/{m}.sizes.npy")
+            gt = {}
+            for (im, qm), acc in self.gt.items():
+                gt[f"{im}__{qm}__scores"] = acc.scores
+                gt[f"{im}__{qm}__ids"] = acc.ids
+            hits = np.array(self.self_hits, dtype=np.int64).reshape(-1, 2)
+            local = os.path.join(tmp, "gt.npz")
+            np.savez(local, self_hits=hits, **gt)
+            store.put(local, f"parts/{name}/gt.npz")
+            table = metadata_table(self.metadata, self.first)
+            write_metadata_files(table, store, f"metadata/{name}", tmp)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return {"first": self.first, "last": self.first + self.n, "rows": self.n, "name": name}
 
 
 _METADATA_TYPES = {
@@ -256,71 +281,165 @@ _METADATA_TYPES = {
     "punsafe": pa.float32(), "pwatermark": pa.float32(), "width": pa.int32(),
     "height": pa.int32(),
 }
+# Carried into the metadata when the table has them (not every pairs table does).
+_OPTIONAL_METADATA_TYPES = {"language": pa.string(), "language_group": pa.string(),
+                            "ptoxic": pa.float32()}
 
 
 def _metadata_batch(batch: pa.RecordBatch) -> pa.RecordBatch:
     """The metadata columns, types fixed (missing columns become nulls, with a typed schema)."""
-    cols = []
-    names = batch.schema.names
-    for c, t in _METADATA_TYPES.items():
-        if c in names:
+    cols, names = [], []
+    present = batch.schema.names
+    for c, t in list(_METADATA_TYPES.items()) + list(_OPTIONAL_METADATA_TYPES.items()):
+        if c in present:
             col = batch.column(c)
             cols.append(col.cast(t) if col.type != t else col)
-        else:
+        elif c in _METADATA_TYPES:
             cols.append(pa.nulls(batch.num_rows, type=t))
-    return pa.RecordBatch.from_arrays(cols, names=list(_METADATA_TYPES))
+        else:
+            continue
+        names.append(c)
+    return pa.RecordBatch.from_arrays(cols, names=names)
+
+
+def metadata_table(batches: list[pa.RecordBatch], first_id: int) -> pa.Table:
+    """The part's metadata with its `id` column first (row i of the part = id first_id + i)."""
+    table = (pa.Table.from_batches(batches) if batches
+             else pa.table({c: pa.array([], type=t) for c, t in _METADATA_TYPES.items()}))
+    ids = pa.array(np.arange(first_id, first_id + table.num_rows, dtype=np.int64))
+    return table.add_column(0, "id", ids)
+
+
+def write_metadata_files(table: pa.Table, store, rel_stem: str, tmp: str) -> None:
+    """`<stem>.parquet` (zstd, for tools) and `<stem>.arrow` (Arrow IPC file, uncompressed, so
+    serve can memory-map it and read a hit's row with no decode)."""
+    import pyarrow.parquet as pq
+
+    local = os.path.join(tmp, "metadata.parquet")
+    pq.write_table(table, local, compression="zstd")
+    store.put(local, rel_stem + ".parquet")
+    local = os.path.join(tmp, "metadata.arrow")
+    with pa.OSFile(local, "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
+        w.write_table(table, max_chunksize=65_536)
+    store.put(local, rel_stem + ".arrow")
 
 
 # ----------------------------------------------------------------------------- merge
-def merge_parts(trained: bytes, part_indices: list[str], part_rows: list[int], out_path: str,
-                on_disk: bool) -> faiss.Index:
-    """Merge part indices (local ids) in order into one index whose ids are the global row
-    numbers (part offset + local id). In memory with merge_from(add_id); on disk (inverted
-    lists in `<out>.ivfdata`, memory-mapped at search) by shifting one part at a time, so the
-    driver never holds more than one part."""
-    offsets = np.concatenate([[0], np.cumsum(part_rows)[:-1]]).astype(np.int64)
-    started = time.time()
-    if not on_disk:
-        merged = deserialize(trained)
-        for path, off in zip(part_indices, offsets):
-            part = faiss.read_index(path)
-            merged.merge_from(part, int(off))
-        faiss.write_index(merged, out_path)
-        log.info("merged %d parts in memory (%d vectors) in %.1fs", len(part_indices),
-                 merged.ntotal, time.time() - started)
-        return merged
-    from faiss.contrib.ondisk import merge_ondisk
+def list_sizes(index: faiss.Index) -> np.ndarray:
+    """Entries per inverted list (int64, nlist)."""
+    ivf = faiss.extract_index_ivf(index)
+    inv = ivf.invlists
+    return np.array([inv.list_size(i) for i in range(ivf.nlist)], dtype=np.int64)
 
-    shifted_dir = out_path + ".shifted"
-    os.makedirs(shifted_dir, exist_ok=True)
-    shifted = []
-    for i, (path, off) in enumerate(zip(part_indices, offsets)):
-        tmp = deserialize(trained)
-        tmp.merge_from(faiss.read_index(path), int(off))
-        p = os.path.join(shifted_dir, f"{i:05d}.index")
-        faiss.write_index(tmp, p)
-        shifted.append(p)
-        del tmp
+
+def merge_in_memory(trained: bytes, part_paths: Iterable[str]) -> faiss.Index:
+    """Parts carry global ids already: merge_from with no shift, one part read at a time."""
     merged = deserialize(trained)
-    ivfdata = out_path[: -len(".index")] + ".ivfdata" if out_path.endswith(".index") \
-        else out_path + ".ivfdata"
-    merge_ondisk(merged, shifted, ivfdata, shift_ids=False)
-    faiss.write_index(merged, out_path)
-    shutil.rmtree(shifted_dir, ignore_errors=True)
-    log.info("merged %d parts on disk (%d vectors, lists in %s) in %.1fs", len(part_indices),
-             merged.ntotal, ivfdata, time.time() - started)
-    return faiss.read_index(out_path, faiss.IO_FLAG_ONDISK_SAME_DIR)
+    for path in part_paths:
+        merged.merge_from(faiss.read_index(path), 0)
+    return merged
+
+
+def merge_on_disk(trained: bytes, part_paths: Iterable[str], sizes: np.ndarray,
+                  out_index: str) -> faiss.Index:
+    """Stream parts (global ids) into `<out_index stem>.ivfdata` with bounded RAM.
+
+    `sizes` (the summed list sizes of all parts, from their sizes.npy) fixes every list's
+    place in the file up front, so each part is read once, its lists written at their cursor
+    with pwrite (no mmap: the driver's RSS does not grow with the index), and dropped; the
+    local disk holds the .ivfdata plus one part. The result is faiss's own OnDiskInvertedLists
+    layout (capacity = size), opened with IO_FLAG_ONDISK_SAME_DIR."""
+    from faiss.contrib.inspect_tools import get_invlist
+
+    template = deserialize(trained)
+    ivf = faiss.extract_index_ivf(template)
+    nlist, cs = ivf.nlist, ivf.code_size
+    sizes = np.asarray(sizes, dtype=np.int64)
+    if len(sizes) != nlist:
+        raise ValueError(f"list sizes for {len(sizes)} lists, index has {nlist}")
+    nbytes = sizes * (cs + 8)
+    offsets = np.concatenate([[0], np.cumsum(nbytes)[:-1]]).astype(np.int64)
+    total = int(nbytes.sum())
+    ivfdata = (out_index[: -len(".index")] if out_index.endswith(".index") else out_index) \
+        + ".ivfdata"
+    started = time.time()
+    cursor = np.zeros(nlist, dtype=np.int64)
+    with open(ivfdata, "wb") as f:
+        f.truncate(total)
+    fd = os.open(ivfdata, os.O_WRONLY)
+    n_parts = 0
+    try:
+        for path in part_paths:
+            part = faiss.read_index(path)
+            inv = faiss.extract_index_ivf(part).invlists
+            psizes = list_sizes(part)
+            for lst in np.nonzero(psizes)[0]:
+                ids, codes = get_invlist(inv, int(lst))
+                n = len(ids)
+                if cursor[lst] + n > sizes[lst]:
+                    raise RuntimeError(f"list {lst}: parts hold more entries than sizes.npy says")
+                os.pwrite(fd, codes.tobytes(), int(offsets[lst] + cursor[lst] * cs))
+                os.pwrite(fd, ids.tobytes(),
+                          int(offsets[lst] + sizes[lst] * cs + cursor[lst] * 8))
+                cursor[lst] += n
+            n_parts += 1
+            del part, inv
+    finally:
+        os.close(fd)
+    if not np.array_equal(cursor, sizes):
+        raise RuntimeError("the parts' lists do not add up to their sizes.npy")
+    dummy = f"{ivfdata}.tmp-{os.getpid()}"
+    il = faiss.OnDiskInvertedLists(nlist, cs, dummy)
+    meta = faiss.OnDiskOneListVector()
+    for lst in range(nlist):
+        one = faiss.OnDiskOneList()
+        one.size = one.capacity = int(sizes[lst])
+        one.offset = int(offsets[lst])
+        meta.push_back(one)
+    il.lists.swap(meta)
+    il.totsize = total
+    il.filename = ivfdata
+    ivf.replace_invlists(il, False)  # `il` stays owned by Python until the index is written
+    template.ntotal = int(sizes.sum())
+    ivf.ntotal = int(sizes.sum())
+    faiss.write_index(template, out_index)
+    del template, ivf, il
+    if os.path.exists(dummy):
+        os.remove(dummy)
+    log.info("merged %d parts on disk (%d vectors, lists in %s, %.1f MB) in %.1fs", n_parts,
+             int(sizes.sum()), ivfdata, total / 1e6, time.time() - started)
+    return faiss.read_index(out_index, faiss.IO_FLAG_ONDISK_SAME_DIR)
+
+
+def shards_index(part_paths: Iterable[str], dim: int) -> faiss.Index:
+    """The parts served unmerged (index.merge = none): one IndexShards over them, ids global."""
+    shards = faiss.IndexShards(dim, False, False)  # not threaded; ids are the parts' own
+    for path in part_paths:
+        shards.add_shard(faiss.read_index(path))
+    return shards
+
+
+def _ivf_parts(index: faiss.Index) -> list:
+    """The IVF indices inside `index` (one, or one per shard)."""
+    if isinstance(index, faiss.IndexShards):
+        shards = index
+        out = []
+        for i in range(shards.count()):
+            ivf = faiss.try_extract_index_ivf(faiss.downcast_index(shards.at(i)))
+            if ivf is not None:
+                out.append(ivf)
+        return out
+    ivf = faiss.try_extract_index_ivf(index)
+    return [ivf] if ivf is not None else []
 
 
 # ----------------------------------------------------------------------------- tuning + recall
 def set_nprobe(index: faiss.Index, nprobe: int) -> None:
-    ivf = faiss.try_extract_index_ivf(index)
-    if ivf is None:
-        return
-    ivf.nprobe = int(nprobe)
-    quantizer = faiss.downcast_index(ivf.quantizer)
-    if isinstance(quantizer, faiss.IndexHNSW):
-        quantizer.hnsw.efSearch = max(quantizer.hnsw.efSearch, 2 * int(nprobe))
+    for ivf in _ivf_parts(index):
+        ivf.nprobe = int(nprobe)
+        quantizer = faiss.downcast_index(ivf.quantizer)
+        if isinstance(quantizer, faiss.IndexHNSW):
+            quantizer.hnsw.efSearch = max(quantizer.hnsw.efSearch, 2 * int(nprobe))
 
 
 def single_query_latency_ms(index: faiss.Index, queries: np.ndarray, k: int = 10) -> np.ndarray:
@@ -337,9 +456,10 @@ def tune_nprobe(index: faiss.Index, queries: np.ndarray, target_ms: float,
                 n_timing_queries: int = 200) -> tuple[int, list[dict]]:
     """The largest power-of-two nprobe whose p50 single-query latency (k=10) is within target
     (autofaiss's rule, with p50 so one slow query on a busy machine does not decide it)."""
-    ivf = faiss.try_extract_index_ivf(index)
-    if ivf is None:
+    ivfs = _ivf_parts(index)
+    if not ivfs:
         return 0, []
+    ivf = ivfs[0]
     q = np.ascontiguousarray(queries[:n_timing_queries], dtype=np.float32)
     curve = []
     best = 1
@@ -412,6 +532,21 @@ RECALL_DEFINITION = (
     "trivial hit); text queries on the image index (and image queries on the text index) keep "
     "it. Latency: one query at a time, k=10, at the chosen nprobe."
 )
+
+
+def save_queries(queries: QuerySet) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, uids=queries.uids, **{f"v_{m}": v for m, v in queries.vectors.items()})
+    return buf.getvalue()
+
+
+def load_queries(data: bytes) -> QuerySet:
+    import io
+
+    z = np.load(io.BytesIO(data))
+    return QuerySet(z["uids"], {k[2:]: z[k] for k in z.files if k.startswith("v_")})
 
 
 def write_json(path: str, obj: dict) -> None:

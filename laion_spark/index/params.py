@@ -18,6 +18,9 @@ MIN_POINTS_PER_CENTROID = 39  # below this faiss's k-means warns: too few points
 MAX_POINTS_PER_CENTROID = 256  # above this faiss subsamples anyway
 HNSW_QUANTIZER_FROM = 65_536  # an HNSW32 coarse quantizer from this many lists (faiss wiki)
 MAX_OPQ_DIM_LOSS = 1 / 16  # a non-divisor M may cost the OPQ reduction at most this share of d
+DEFAULT_MAX_NLIST = 131_072  # IndexConfig.max_nlist
+DEFAULT_MAX_TRAIN = 4_000_000  # IndexConfig.max_train_vectors
+MIN_TRAIN_PER_CENTROID = 30  # faiss's lower bound on training points per centroid
 OPQ_MIN_DIMS = 8  # OPQ when a sub-quantizer covers ≥ 8 dims (measured: OPQ48 on 512-d trains 15× slower than IVF)
 
 
@@ -46,11 +49,14 @@ class IndexParams:
         return asdict(self)
 
 
-def nlist_for(n: int) -> tuple[int, str]:
+def nlist_for(n: int, max_nlist: int = DEFAULT_MAX_NLIST,
+              max_train_vectors: int = DEFAULT_MAX_TRAIN) -> tuple[int, str]:
     """faiss's guideline: 4√N–16√N lists under 1M vectors (we take the low end, rounded up to a
     multiple of 64: fewer centroids train and assign faster on CPU, cost less of the memory
     budget, which then buys a larger code, and each list holds more vectors per probe), then
-    65,536 / 262,144 / 1,048,576 for 1M–10M / 10M–100M / beyond."""
+    65,536 for 1M–10M and 262,144 beyond, capped at `max_nlist` (2^17 by default, as LAION's
+    own 5B index) and at max_train_vectors / 30 (faiss's minimum points per centroid), so the
+    k-means stays trainable on one driver whatever N is."""
     if n <= 1_000_000:
         k = 64 * math.ceil(4 * math.sqrt(n) / 64)
         reason = f"N={n:,} ≤ 1M: nlist = 4√N ({4 * math.sqrt(n):,.0f}) rounded up to a multiple of 64 = {k:,}"
@@ -58,12 +64,27 @@ def nlist_for(n: int) -> tuple[int, str]:
         if k > cap:
             reason += f", capped to N/{MIN_POINTS_PER_CENTROID} = {cap:,} so k-means has enough points"
             k = cap
-        return k, reason
-    if n <= 10_000_000:
-        return 65_536, f"1M < N={n:,} ≤ 10M: nlist 65,536 (faiss guideline, HNSW32 quantizer)"
-    if n <= 100_000_000:
-        return 262_144, f"10M < N={n:,} ≤ 100M: nlist 262,144 (faiss guideline, HNSW32 quantizer)"
-    return 1_048_576, f"N={n:,} > 100M: nlist 1,048,576 (faiss guideline, HNSW32 quantizer)"
+    elif n <= 10_000_000:
+        k, reason = 65_536, f"1M < N={n:,} ≤ 10M: nlist 65,536 (faiss guideline)"
+    else:
+        k, reason = 262_144, f"N={n:,} > 10M: nlist 262,144 (faiss guideline)"
+    if k > max_nlist:
+        k = max_nlist
+        reason += f", capped at index.max_nlist = {max_nlist:,}"
+    by_train = 1 << max(0, int(math.floor(math.log2(max(1, max_train_vectors // MIN_TRAIN_PER_CENTROID)))))
+    if k > by_train:
+        k = by_train
+        reason += (f", capped at {by_train:,} (a power of two ≤ index.max_train_vectors "
+                   f"{max_train_vectors:,} / {MIN_TRAIN_PER_CENTROID} points per centroid)")
+    return k, reason
+
+
+def train_size_for(n: int, nlist: int, samples_per_cluster: int,
+                   max_train_vectors: int = DEFAULT_MAX_TRAIN) -> int:
+    """Per-centroid count (clamped to faiss's 30–256), at least 10,240 for the PQ codebooks,
+    never more than N or `max_train_vectors` (the sample the driver holds)."""
+    spc = min(max(samples_per_cluster, 30), MAX_POINTS_PER_CENTROID)
+    return int(min(n, max_train_vectors, max(spc * nlist, 256 * 40)))
 
 
 def _fixed_bytes(nlist: int, dim: int, opq_dim: int = 0, pq: bool = False) -> int:
@@ -84,7 +105,9 @@ def _ivf(nlist: int) -> str:
 
 
 def choose_params(n: int, dim: int, budget_bytes: int, samples_per_cluster: int = 64,
-                  index_key: Optional[str] = None, opq: str = "auto") -> IndexParams:
+                  index_key: Optional[str] = None, opq: str = "auto",
+                  max_nlist: int = DEFAULT_MAX_NLIST,
+                  max_train_vectors: int = DEFAULT_MAX_TRAIN) -> IndexParams:
     """The best index of IVF-Flat > IVF-SQ8 > IVF-(OPQ)PQ{M} that fits `budget_bytes`.
 
     Bytes per vector: Flat 4d+8, SQ8 d+8, PQ M+8 (faiss stores an int64 id per vector).
@@ -99,13 +122,14 @@ def choose_params(n: int, dim: int, budget_bytes: int, samples_per_cluster: int 
     if n <= 0:
         raise IndexParamsError("no vectors to index (the filter kept no rows with embeddings)")
     reasons: list[str] = []
-    nlist, why = nlist_for(n)
+    nlist, why = nlist_for(n, max_nlist, max_train_vectors)
     reasons.append(why)
     spc = min(max(samples_per_cluster, 30), MAX_POINTS_PER_CENTROID)
-    train_size = min(n, max(spc * nlist, 256 * 40))
+    train_size = train_size_for(n, nlist, samples_per_cluster, max_train_vectors)
     reasons.append(
         f"train on a uniform random sample of {train_size:,} vectors "
-        f"({spc} per cluster, faiss wants 30–256; at least 10,240 for the PQ codebooks)"
+        f"({spc} per cluster, faiss wants 30–256; at least 10,240 for the PQ codebooks; "
+        f"at most index.max_train_vectors = {max_train_vectors:,})"
     )
     if index_key:
         m = re.search(r"IVF(\d+)", index_key)
@@ -114,7 +138,8 @@ def choose_params(n: int, dim: int, budget_bytes: int, samples_per_cluster: int 
         est = n * (code + ID_BYTES) + _fixed_bytes(forced_nlist, dim)
         reasons.insert(0, f"index_key forced by config: {index_key}")
         return IndexParams(index_key, n, dim, budget_bytes, forced_nlist, code, "OPQ" in index_key,
-                           min(n, max(spc * forced_nlist, 256 * 40)), est, reasons=reasons)
+                           train_size_for(n, forced_nlist, samples_per_cluster, max_train_vectors),
+                           est, reasons=reasons)
 
     ivf = _ivf(nlist)
     candidates: list[tuple[str, int, bool, int]] = [

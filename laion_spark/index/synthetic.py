@@ -88,3 +88,34 @@ def synthetic_pairs(n: int, dim: int = 64, seed: int = 0, n_clusters: int = 50,
         "text_model": pa.array(["synthetic"] * n),
         "shard": pa.array(np.full(n, seed, dtype=np.int64)),
     })
+
+
+def pairs_from_ids(batches, dim: int = 32, n_clusters: int = 64):
+    """mapInArrow body: `spark.range(n)` batches → pairs-shaped rows (uid = id, clustered image
+    embeddings, nearby text ones), made inside the executors so a test's driver never holds the
+    table (schema: PAIRS_FROM_IDS_SCHEMA)."""
+    import pyarrow.compute as pc
+
+    centres = np.random.default_rng(0).standard_normal((n_clusters, dim)).astype(np.float32)
+    for b in batches:
+        ids = b.column("id").to_numpy()
+        if not len(ids):
+            continue
+        rng = np.random.default_rng(int(ids[0]))
+        n = len(ids)
+        img = centres[rng.integers(0, n_clusters, n)] + 0.3 * rng.standard_normal(
+            (n, dim)).astype(np.float32)
+        txt = img + 0.3 * rng.standard_normal((n, dim)).astype(np.float32)
+        yield pa.RecordBatch.from_pydict({
+            "uid": pa.array(ids.astype(np.int64)),
+            "url": pc.binary_join_element_wise("https://e.x/", pa.array(ids).cast(pa.string()), ""),
+            "text": pa.array(["t"] * n),
+            "similarity": pa.array(rng.random(n).astype(np.float32)),
+            "passes_filter": pa.array(np.ones(n, dtype=bool)),
+            "image_embedding": encode_embeddings(img),
+            "text_embedding": encode_embeddings(txt),
+        })
+
+
+PAIRS_FROM_IDS_SCHEMA = ("uid BIGINT, url STRING, text STRING, similarity FLOAT, "
+                         "passes_filter BOOLEAN, image_embedding BINARY, text_embedding BINARY")

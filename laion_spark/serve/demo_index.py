@@ -116,8 +116,9 @@ def build_demo_index(out_dir: str, clip_dir: str, n_random: int = 150, seed: int
     # The index stage's coming metadata columns (language, language_group) and model.json.
     meta_path = os.path.join(index_dir, "metadata.parquet")
     meta = pq.read_table(meta_path)
-    meta = meta.append_column("language", table.column("language")).append_column(
-        "language_group", table.column("language_group"))
+    for col in ("language", "language_group"):  # the index stage now carries them itself
+        if col not in meta.column_names:
+            meta = meta.append_column(col, table.column(col))
     pq.write_table(meta, meta_path)
     with open(os.path.join(index_dir, "model.json"), "w") as f:
         json.dump({"clip_model": clip_dir, "text_model": text_model, "dim": int(enc.dim)}, f)
