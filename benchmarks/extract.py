@@ -28,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 REAL = (REPO.parent / "shared" / "data" / "real").resolve()
-PEER_VENV = REPO / ".venv-peers-extract"
+PEER_VENV = Path(os.environ.get("LAION_SPARK_PEER_VENV", REPO / ".venv-peers-extract"))
 OUT = REPO / "bench-out" / "extract"
 
 log = logging.getLogger("bench.extract")
@@ -159,6 +159,35 @@ def time_container(path: Path, reader: str) -> dict:
             "bytes": nbytes}
 
 
+class limits_off:
+    """Our extractor with the record limits that cost time switched off (the HTML nesting
+    pre-scan, the record-header tripwire in blocks): what the limits cost is the difference."""
+
+    def __enter__(self):
+        from laion_spark.extract import extractor, records
+
+        self.saved = (extractor.html_nesting, records._SWALLOWED)
+        extractor.html_nesting = lambda body, depth, work: None
+        records._SWALLOWED = b"\x00never in a block\x00"
+        return self
+
+    def __exit__(self, *exc):
+        from laion_spark.extract import extractor, records
+
+        extractor.html_nesting, records._SWALLOWED = self.saved
+
+
+def limits_cost(path: Path, fmt: str, rounds: int) -> dict:
+    """CPU seconds with and without the limits, taking turns round by round (least kept)."""
+    on, off = [], []
+    for _ in range(rounds):
+        on.append(time_ours(path, input_format=fmt)["cpu_s"])
+        with limits_off():
+            off.append(time_ours(path, input_format=fmt)["cpu_s"])
+    return {"on_cpu_s": min(on), "off_cpu_s": min(off), "cost": min(on) / min(off) - 1,
+            "rounds_on": [round(x, 3) for x in on], "rounds_off": [round(x, 3) for x in off]}
+
+
 def best_of(fn, runs: int):
     """The run with the least CPU time (this machine is shared: wall time includes waiting)."""
     results = [fn() for _ in range(runs)]
@@ -173,6 +202,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--wat-rounds", type=int, default=7,
                     help="rounds of ours/cc2dataset taking turns on the WAT (least CPU time kept)")
     ap.add_argument("--skip-warc", action="store_true", help="only the WAT comparison")
+    ap.add_argument("--limits-only", action="store_true",
+                    help="only what the record limits cost (ours with and without them, no peer)")
+    ap.add_argument("--limit-rounds", type=int, default=9)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("laion_spark").setLevel(logging.WARNING)
@@ -181,10 +213,20 @@ def main(argv=None) -> dict:
     OUT.mkdir(parents=True, exist_ok=True)
     wat = build_wat(OUT, args.repeat_wat)
     warc = build_warc(OUT, args.repeat_warc)
-    peer_python = ensure_peer_venv()
     res: dict = {"wat_file": str(wat), "wat_bytes": wat.stat().st_size,
                  "warc_file": str(warc), "warc_bytes": warc.stat().st_size,
                  "load_average_at_start": os.getloadavg()}
+    # -- what the record limits cost (issue 12: at most 5 % of pages/s per core)
+    for fmt, path in (("warc", warc), ("wat", wat)):
+        c = res[f"limits_cost_{fmt}"] = limits_cost(path, fmt, args.limit_rounds)
+        print(f"limits, {fmt.upper():4s}: {c['on_cpu_s']:.3f} s with, {c['off_cpu_s']:.3f} s without: "
+              f"{100 * c['cost']:+.1f} % CPU (least of {args.limit_rounds} rounds taking turns; "
+              f"with {c['rounds_on']}, without {c['rounds_off']})")
+    res["load_average_after_limits"] = os.getloadavg()
+    if args.limits_only:
+        (OUT / "results-limits.json").write_text(json.dumps(res, indent=1))
+        return res
+    peer_python = ensure_peer_venv()
 
     # -- WAT: ours vs cc2dataset, same file, same run. The machine is shared, so the two sides
     # take turns (round by round) and each keeps its least CPU time: a burst of load from

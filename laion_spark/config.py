@@ -10,7 +10,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import yaml
 
@@ -44,7 +44,12 @@ class LakeConfig:
     root: str = "./lake"
     backend: str = "auto"  # auto | delta-spark | delta-rs
     storage_options: dict[str, str] = field(default_factory=dict)
-    target_file_rows: int = 250_000
+    target_file_rows: int = 250_000  # `maintain` compacts files toward this many rows (x avg row bytes)
+    max_file_bytes: int = 1_073_741_824  # ...but never above this size per compacted file (images rows)
+    vacuum_retention_hours: float = 168.0  # removed files kept this long (time travel, readers in flight)
+    staging_grace_hours: float = 24.0  # an unreferenced part-* folder younger than this may be a live write
+    cluster_columns: dict[str, list[str]] = field(
+        default_factory=lambda: {"candidates": ["uid"]})  # z-order per table (serves the uid anti-join)
 
 
 @dataclass
@@ -68,6 +73,22 @@ class ExtractConfig:
     dedup_against_table: bool = True
     max_url_length: int = 2048
     warc_reader: str = "fastwarc"  # fastwarc | warcio (measured: see extract/README.md)
+    # Limits on one record (a record over one becomes a failure row `code: detail`; the file goes on).
+    # Bytes of a WAT JSON payload; a larger metadata record is `too_large` (Common Crawl's are < 1 MB).
+    max_wat_json_bytes: int = 16_000_000
+    # Open-element nesting of a page before lexbor parses it: lexbor's time grows with depth × tags
+    # (16,384 nested <div>: ~1.3 s; 128k: 70 s). Deeper is `too_deep`.
+    max_html_depth: int = 32_768
+    # Estimated tree-building work of a page (the sum of open-element depths over its start tags):
+    # 4e8 ≈ 4 s of lexbor (4,000 deep, then 100k <div></div>). Over it is `too_deep` as well. A page
+    # with n start tags has depth ≤ n and work ≤ n²/2, so pages with at most 32,768 (these two
+    # defaults) are not scanned: a page that passes costs lexbor ≤ ~5 s, a record's worst case.
+    max_html_parse_work: int = 540_000_000
+    # Hash every complete block against WARC-Block-Digest (always on for blocks that swallowed a
+    # record header); costs ~25 % of the WARC path per core, so off by default.
+    verify_digests: bool = False
+    # fetch_time outside [min_fetch_year, now + 1 day] is null with a `bad_date` failure row.
+    min_fetch_year: int = 1990
 
 
 @dataclass
@@ -104,6 +125,16 @@ class DownloadConfig:
     retry_failed: bool = False
     shards_per_commit: int = 8  # shards downloaded per Delta commit (the resume granularity)
     compression: str = "snappy"  # Parquet codec of `images` (its JPEG/WEBP bytes do not shrink)
+    decode_deadline_s: float = 10.0  # per image: decoding stops between input pieces after this (failed: timeout)
+    # Estimated peak of decoding one image (raster + one working copy + progressive JPEG coefficients),
+    # from the header, before decoding (failed: too_large). Two decode workers per task: 2x this.
+    max_decode_bytes: int = 256_000_000
+    max_jpeg_scans: int = 100  # progressive JPEGs have ~10; each scan walks every block (failed: too_many_scans)
+    dns_negative_ttl_s: float = 300.0  # a name that did not resolve is not looked up again in a task for this long
+    max_dns_cache_entries: int = 4096  # per task; least recently used names are dropped first
+    # host -> "address[:port]" used instead of DNS (tests and archive replays only; "*" = every host).
+    # The address still passes the address rules (so 127.0.0.1 needs allow_loopback).
+    connect_to: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -122,11 +153,13 @@ class ScoreConfig:
     nsfw_head: Optional[str] = None
     watermark_head: Optional[str] = None
     toxic_head: Optional[str] = None
-    preprocess_threads: int = 2
+    preprocess_threads: Union[int, str] = "auto"  # decode threads per task; auto: the executor's cores per task
     prefetch_batches: int = 2  # decoded batches queued ahead of the model
     partitions: Optional[int] = None  # repartition the images rows (None: keep the read's split)
     shards_per_commit: int = 64  # images shards scored and committed to pairs per Delta commit
     load_log_dir: Optional[str] = None  # each executor process appends a line per model load (tests)
+    broadcast_max_bytes: int = 536_870_912  # larger models (ViT-L/H) are loaded by executors from their path
+    model_cache_dir: Optional[str] = None  # executors' local copy of path-loaded models (default: temp dir)
 
 
 @dataclass
@@ -187,7 +220,7 @@ class ServeConfig:
     nsfw_threshold: float = 0.5
     dedup_urls: bool = True  # collapse duplicate URLs (best-ranked kept) unless turned off
     near_dup_threshold: float = 0.94  # cosine among results' reconstructed vectors
-    near_dup_max_results: int = 20_000  # near-dup pass runs on at most this many top results
+    near_dup_max_results: int = 5_000  # the near-dup pass covers this many best results (n² cost)
     large_k_nprobe_per: int = 3_000  # k >= 100k: nprobe raised to ceil(k / this), as clip back
     export_max_rows: int = 10_000  # rows one export may hold
     columns_to_return: list[str] = field(default_factory=lambda: [

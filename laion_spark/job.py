@@ -38,6 +38,8 @@ COMMANDS: list[Command] = [
     Command("index", "laion_spark.index.job", "pairs -> faiss IVF-PQ indices + metadata"),
     Command("serve", "laion_spark.serve.job",
             "search service + web page over index folders (clip-retrieval compatible)"),
+    Command("maintain", "laion_spark.maintain",
+            "compact, z-order, checkpoint and vacuum tables; remove stale staging folders"),
     Command("sql", "laion_spark.sql.query", "run SQL over every table of the lake"),
     Command("demo", "laion_spark.demo.pipeline", "run every stage on the generated demo web"),
 ]

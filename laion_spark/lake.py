@@ -375,6 +375,204 @@ class Lake:
         with ThreadPoolExecutor(max_workers=16) as pool:
             return list(pool.map(one, files))
 
+    # ----------------------------------------------------------------- maintenance
+    # Used by `laion-spark maintain` (laion_spark/maintain.py). Each method leaves the rows of the
+    # table unchanged: compaction rewrites files, vacuum and staging clean-up only delete files no
+    # version within the retention window references.
+    def table_summary(self, name: str) -> dict:
+        """Live files, rows and bytes of the current version (from the log, no data read)."""
+        stats = self.file_stats(name)
+        rows = sum(int(s.get("num_records") or 0) for s in stats)
+        size = sum(int(s.get("size_bytes") or 0) for s in stats)
+        return {"version": self.version(name), "files": len(stats), "rows": rows, "bytes": size,
+                "avg_row_bytes": (size / rows) if rows else 0.0}
+
+    def target_file_bytes(self, name: str) -> int:
+        """`lake.target_file_rows` rows of this table's average (compressed) size, capped by
+        `lake.max_file_bytes`: 250k candidates rows is ~20 MB, 250k images rows would be GBs."""
+        avg = self.table_summary(name)["avg_row_bytes"] or 1.0
+        cap = self.cfg.max_file_bytes
+        return int(max(min(1 << 20, cap), min(cap, self.cfg.target_file_rows * avg)))
+
+    def compact(self, name: str, *, target_bytes: int | None = None,
+                cluster_columns: list[str] | None = None, dry_run: bool = False) -> dict:
+        """Bin-pack small files toward `target_bytes` (or z-order them by `cluster_columns`).
+
+        Z-order rewrites every file of the table (delta-rs and delta-spark alike), compaction only
+        the files below the target. `dry_run` reports the small files without writing."""
+        target = int(target_bytes or self.target_file_bytes(name))
+        stats = self.file_stats(name)
+        small = [s for s in stats if int(s.get("size_bytes") or 0) < target]
+        out = {"target_bytes": target, "files_before": len(stats), "small_files": len(small),
+               "cluster_columns": list(cluster_columns or []), "files_added": 0, "files_removed": 0}
+        if dry_run or len(small) < 2:
+            return out
+        if self.backend == "delta-spark":
+            spark_conf = self.spark.conf
+            spark_conf.set("spark.databricks.delta.optimize.maxFileSize", str(target))
+            sql = f"OPTIMIZE delta.`{self.table_path(name)}`"
+            if cluster_columns:
+                sql += " ZORDER BY (" + ", ".join(f"`{c}`" for c in cluster_columns) + ")"
+            row = self.spark.sql(sql).collect()[0]
+            metrics = row["metrics"].asDict() if "metrics" in row.__fields__ else {}
+            out["files_added"] = int(metrics.get("numFilesAdded", 0) or 0)
+            out["files_removed"] = int(metrics.get("numFilesRemoved", 0) or 0)
+            return out
+        from deltalake import WriterProperties
+
+        table = self._delta_table(name)
+        # Keep the table's codec (zstd, snappy for images): delta-rs defaults to snappy, which
+        # would make the byte target mean fewer rows per file than the Spark-written files.
+        codec, ratio = self._codec(name, stats[0]["path"])
+        kw = dict(target_size=target, max_concurrent_tasks=os.cpu_count(),
+                  writer_properties=WriterProperties(compression=codec))
+        if cluster_columns:
+            # delta-rs's z-order cuts files by uncompressed bytes (compact by file sizes): scale
+            # the target by the table's compression ratio so both give ~target_file_rows rows.
+            kw["target_size"] = int(target * ratio)
+            metrics = table.optimize.z_order(list(cluster_columns), **kw)
+        else:
+            metrics = table.optimize.compact(**kw)
+        out["files_added"] = int(metrics.get("numFilesAdded", 0) or 0)
+        out["files_removed"] = int(metrics.get("numFilesRemoved", 0) or 0)
+        return out
+
+    def _codec(self, name: str, rel_path: str) -> tuple[str, float]:
+        """The compression codec of one live file of the table and its uncompressed/compressed
+        size ratio (from its footer)."""
+        full = f"{self.table_path(name)}/{rel_path}"
+        if _is_local(full):
+            meta = pq.read_metadata(_local_path(full))
+        else:
+            import fsspec
+
+            fs, p = fsspec.core.url_to_fs(full, **self.storage_options)
+            with fs.open(p, "rb") as fh:
+                meta = pq.read_metadata(fh)
+        if meta.num_row_groups == 0 or meta.num_columns == 0:
+            return "ZSTD", 1.0
+        codec = meta.row_group(0).column(0).compression.upper()
+        groups = [meta.row_group(i) for i in range(meta.num_row_groups)]
+        packed = sum(g.column(c).total_compressed_size for g in groups for c in range(g.num_columns))
+        ratio = max(1.0, sum(g.total_byte_size for g in groups) / packed) if packed else 1.0
+        return (codec if codec in ("SNAPPY", "GZIP", "BROTLI", "LZ4", "ZSTD", "LZ4_RAW") else "ZSTD"), ratio
+
+    def vacuum(self, name: str, retention_hours: float | None = None, dry_run: bool = False) -> list[str]:
+        """Delete files no version of the last `retention_hours` references (removed by a commit,
+        or written by a failed attempt and never committed); returns their paths."""
+        hours = self.cfg.vacuum_retention_hours if retention_hours is None else retention_hours
+        if hours < 0:
+            raise LakeError(f"table '{name}': vacuum retention must be >= 0 hours, got {hours}")
+        if self.backend == "delta-spark":
+            self.spark.conf.set("spark.databricks.delta.retentionDurationCheck.enabled", "false")
+            sql = f"VACUUM delta.`{self.table_path(name)}` RETAIN {float(hours)} HOURS"
+            rows = self.spark.sql(sql + (" DRY RUN" if dry_run else "")).collect()
+            return [r[0] for r in rows] if dry_run else []
+        table = self._delta_table(name)
+        # full=True also lists files no log entry names (a killed write's Parquet). delta-rs lists
+        # a removed file again on every run while its tombstone lives: keep only files that exist,
+        # and commit no VACUUM entries when there is nothing to delete.
+        kw = dict(retention_hours=int(hours), enforce_retention_duration=False, full=True)
+        path = self.table_path(name)
+        listed = [p if (p.startswith("/") or "://" in p) else f"{path}/{p}"
+                  for p in table.vacuum(dry_run=True, **kw)]
+        if _is_local(path):
+            present = [p for p in listed if os.path.exists(_local_path(p))]
+        else:
+            import fsspec
+
+            fs, _ = fsspec.core.url_to_fs(path, **self.storage_options)
+            with ThreadPoolExecutor(max_workers=16) as pool:
+                present = [p for p, ok in zip(listed, pool.map(fs.exists, listed)) if ok]
+        if present and not dry_run:
+            table.vacuum(dry_run=False, **kw)
+        return present
+
+    def stale_staging(self, name: str, grace_hours: float | None = None) -> list[str]:
+        """delta-rs staging folders (`part-*`) that can go: no live file in them, nothing younger
+        than the grace period (a write may be in flight), and no Parquet left that vacuum keeps
+        (a file of a version still inside the retention window). Spark's `_temporary` leftovers
+        and `_SUCCESS`/`.crc` files do not count: vacuum never looks at them."""
+        if self.backend != "delta-rs" or not self.exists(name):
+            return []
+        grace = self.cfg.staging_grace_hours if grace_hours is None else grace_hours
+        cutoff = time.time() - grace * 3600
+        live = {s["path"].split("/", 1)[0] for s in self.file_stats(name) if "/" in s["path"]}
+        path = self.table_path(name)
+        stale = []
+        for folder, files in self._staging_folders(path).items():
+            if folder in live:
+                continue
+            if any(mtime > cutoff for _, mtime in files):
+                continue
+            if any(rel.endswith(".parquet") and not _hidden(rel) for rel, _ in files):
+                continue
+            stale.append(folder)
+        return sorted(stale)
+
+    def remove_staging(self, name: str, grace_hours: float | None = None,
+                       dry_run: bool = False) -> list[str]:
+        """Delete the folders :meth:`stale_staging` lists; returns them."""
+        stale = self.stale_staging(name, grace_hours)
+        if dry_run or not stale:
+            return stale
+        path = self.table_path(name)
+        if _is_local(path):
+            import shutil
+
+            for folder in stale:
+                shutil.rmtree(os.path.join(_local_path(path), folder), ignore_errors=True)
+        else:
+            import fsspec
+
+            fs, p = fsspec.core.url_to_fs(path, **self.storage_options)
+            for folder in stale:
+                fs.rm(f"{p}/{folder}", recursive=True)
+        return stale
+
+    def _staging_folders(self, path: str) -> dict[str, list[tuple[str, float]]]:
+        """`part-*` folder -> [(path inside it, mtime)] (an empty folder gets its own mtime)."""
+        out: dict[str, list[tuple[str, float]]] = {}
+        if _is_local(path):
+            root = _local_path(path)
+            for folder in os.listdir(root):
+                full = os.path.join(root, folder)
+                if not folder.startswith("part-") or not os.path.isdir(full):
+                    continue
+                files = [(os.path.relpath(os.path.join(d, n), full), os.path.getmtime(os.path.join(d, n)))
+                         for d, _, names in os.walk(full) for n in names]
+                out[folder] = files or [("", _folder_time(folder, os.path.getmtime(full)))]
+            return out
+        import fsspec
+
+        fs, p = fsspec.core.url_to_fs(path, **self.storage_options)
+        for entry in fs.ls(p, detail=True):
+            folder = os.path.basename(entry["name"].rstrip("/"))
+            if entry.get("type") != "directory" or not folder.startswith("part-"):
+                continue
+            found = fs.find(entry["name"], detail=True)
+            files = [(k[len(entry["name"].rstrip("/")) + 1:], _mtime(v)) for k, v in found.items()]
+            out[folder] = files or [("", _folder_time(folder, time.time()))]
+        return out
+
+    def checkpoint(self, name: str) -> None:
+        """Write a checkpoint of the current version (readers replay from it, not from every
+        commit) and drop log files older than `delta.logRetentionDuration`, as delta-spark does
+        on its own at checkpoints. Unit done-tracking must not depend on those old commits."""
+        if self.backend == "delta-spark":
+            jvm = self.spark._jvm
+            delta_log = jvm.org.apache.spark.sql.delta.DeltaLog.forTable(
+                self.spark._jsparkSession, self.table_path(name))
+            try:
+                delta_log.checkpoint()
+            except Exception:  # newer Delta: checkpoint(snapshot)
+                delta_log.checkpoint(delta_log.update(False, jvm.scala.Option.empty(),
+                                                      jvm.scala.Option.empty()))
+            return
+        table = self._delta_table(name)
+        table.create_checkpoint()
+        table.cleanup_metadata()
+
     # ----------------------------------------------------------------- SQL
     def register_views(self) -> list[str]:
         """Every table under the root becomes a temp view by its name (for `laion-spark sql`)."""
@@ -385,6 +583,31 @@ class Lake:
 
 
 # --------------------------------------------------------------------- helpers
+def _hidden(rel: str) -> bool:
+    """A path Delta's vacuum skips (any component starting with `_` or `.`)."""
+    return any(part.startswith(("_", ".")) for part in rel.split("/"))
+
+
+def _folder_time(folder: str, fallback: float) -> float:
+    """When a delta-rs staging folder was made, from its name (`part-YYYYmmddTHHMMSS-<id>`): an
+    emptied folder's own mtime is the time of the last deletion in it, not of the write."""
+    try:
+        stamp = dt.datetime.strptime(folder.split("-")[1], "%Y%m%dT%H%M%S")
+    except (IndexError, ValueError):
+        return fallback
+    return stamp.replace(tzinfo=dt.timezone.utc).timestamp()
+
+
+def _mtime(info: dict) -> float:
+    """Modification time of an fsspec `info` entry (local: mtime, S3: LastModified)."""
+    value = info.get("mtime", info.get("LastModified", info.get("last_modified")))
+    if value is None:
+        return time.time()
+    if isinstance(value, dt.datetime):
+        return value.timestamp()
+    return float(value)
+
+
 def _same_type(a: pa.DataType, b: pa.DataType) -> bool:
     if a == b:
         return True

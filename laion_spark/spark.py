@@ -11,11 +11,14 @@ import sys
 
 from pyspark.sql import SparkSession
 
+from laion_spark.batches import DEFAULT_MAX_BATCH_BYTES
 from laion_spark.config import SparkConfig
 
 log = logging.getLogger(__name__)
 
 DELTA_EXTENSION = "io.delta.sql.DeltaSparkSessionExtension"
+# Rows holding images: 8192 rows x 1 MB overflow Arrow's 2 GiB per column; bound bytes too.
+ARROW_MAX_BYTES_PER_BATCH = DEFAULT_MAX_BATCH_BYTES
 
 
 def _launched_by_spark_submit() -> bool:
@@ -41,6 +44,7 @@ def build_spark_session(cfg: SparkConfig | None = None) -> SparkSession:
     conf = {
         "spark.sql.execution.arrow.pyspark.enabled": "true",
         "spark.sql.execution.arrow.maxRecordsPerBatch": "8192",
+        "spark.sql.execution.arrow.maxBytesPerBatch": str(ARROW_MAX_BYTES_PER_BATCH),
         "spark.sql.parquet.outputTimestampType": "TIMESTAMP_MICROS",
         "spark.sql.shuffle.partitions": str(cfg.shuffle_partitions),
         "spark.sql.session.timeZone": "UTC",

@@ -12,6 +12,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
+
 
 def demo_index(base: Path, clip_dir: Path) -> dict:
     """Build (or reuse within this pytest run) the demo-scene index under `base`."""
@@ -76,3 +78,19 @@ def clip_front_dir() -> Path:
     spec = importlib.util.find_spec("clip_retrieval")
     site = Path(list(spec.submodule_search_locations)[0]).parent
     return site / "front" / "build"
+
+
+@pytest.fixture(scope="module")
+def truth(tmp_path_factory, demo_clip_dir):
+    """The demo-scene index's ground truth (rows' scenes, planted ids, paths)."""
+    return demo_index(tmp_path_factory.getbasetemp(), demo_clip_dir)
+
+
+@pytest.fixture(scope="module")
+def url(truth):
+    """The service over the demo-scene index (thumbnails from its lake), strict fetch policy."""
+    from laion_spark.serve.app import ServeSpec
+
+    spec = ServeSpec(indices=[("demo", truth["index"])], lake_root=truth["lake"])
+    with running(spec) as base:
+        yield base

@@ -24,22 +24,10 @@ from laion_spark.config import DownloadConfig, ServeConfig
 from laion_spark.demo.scenes import Scene, describe_scene, render_scene
 from laion_spark.serve.app import ServeSpec
 from laion_spark.serve.search import near_duplicate_mask
-from serve_fixtures import clip_client_module, demo_index, free_port, running
+from serve_fixtures import clip_client_module, free_port, running, truth, url  # noqa: F401
 
 TARGETS = [("circle", "red"), ("star", "yellow"), ("square", "blue"), ("triangle", "green"),
            ("ring", "purple"), ("cross", "orange")]
-
-
-@pytest.fixture(scope="module")
-def truth(tmp_path_factory, demo_clip_dir):
-    return demo_index(tmp_path_factory.getbasetemp(), demo_clip_dir)
-
-
-@pytest.fixture(scope="module")
-def url(truth):
-    spec = ServeSpec(indices=[("demo", truth["index"])], lake_root=truth["lake"])
-    with running(spec) as base:
-        yield base
 
 
 @pytest.fixture(scope="module")

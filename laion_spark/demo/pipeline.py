@@ -28,6 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pages", type=int, default=None, help="number of demo pages")
     parser.add_argument("--stages", default=None,
                         help="comma-separated subset of: " + ",".join(s for s, _, _ in PIPELINE))
+    parser.add_argument("--serve", action="store_true",
+                        help="after the run, keep the search service up on the demo index")
 
 
 def _import_stage(module_name: str):
@@ -64,6 +66,10 @@ def run_demo(ctx, out_dir: str | None = None, n_pages: int | None = None,
             summary = getattr(module, fn_name)(ctx.spark, cfg, ctx.lake)
             log.info("stage %s done in %.1fs: %s", stage, time.time() - started, summary)
             results[stage] = summary
+        if not stages or "maintain" in stages:  # compact, checkpoint, vacuum: what a cron would do
+            from laion_spark.maintain import run_maintain
+
+            results["maintain"] = run_maintain(ctx.spark, cfg, ctx.lake)
     print_lake_summary(ctx)
     return results
 
@@ -82,4 +88,30 @@ def print_lake_summary(ctx) -> None:
 
 def run(ctx, args: argparse.Namespace) -> dict:
     stages = args.stages.split(",") if args.stages else None
-    return run_demo(ctx, args.out_dir, args.pages, stages)
+    results = run_demo(ctx, args.out_dir, args.pages, stages)
+    command = serve_command(ctx, results)
+    if command:
+        print("\nexplore the demo index:\n  " + " ".join(command) +
+              f"\n  then open http://{ctx.cfg.serve.host}:{ctx.cfg.serve.port}/")
+        if getattr(args, "serve", False):
+            from laion_spark.serve.job import build_spec, parse_index_args, serve
+
+            spec = build_spec(ctx.cfg, parse_index_args([f"demo={results['index']['output']}"]),
+                              ctx.cfg.score.clip_model, ctx.cfg.score.multilingual_text_model,
+                              ctx.lake.root)
+            serve(spec, ctx.cfg.serve.host, ctx.cfg.serve.port, ctx.cfg.serve.workers)
+    return results
+
+
+def serve_command(ctx, results: dict) -> list[str] | None:
+    """`laion-spark serve` over the demo's index, thumbnails from its lake, its CLIP models."""
+    index = results.get("index")
+    if not isinstance(index, dict) or not index.get("output"):
+        return None
+    cmd = ["laion-spark", "serve", "--index", f"demo={index['output']}",
+           "--images-lake", str(ctx.lake.root)]
+    if ctx.cfg.score.clip_model:
+        cmd += ["--clip-model", str(ctx.cfg.score.clip_model)]
+    if ctx.cfg.score.multilingual_text_model:
+        cmd += ["--text-model", str(ctx.cfg.score.multilingual_text_model)]
+    return cmd

@@ -21,6 +21,7 @@ import pyarrow as pa
 from laion_spark.config import DownloadConfig
 from laion_spark.download.fetch import Fetcher, FetchResult
 from laion_spark.download.resize import ImageResult, check_config, process_image
+from laion_spark.download.safety import clean_detail
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +166,7 @@ def download_batches(batches: Iterable[pa.RecordBatch], cfg: DownloadConfig,
         in_flight -= 1
         if exc is not None:
             log.exception("download of %s failed inside the downloader", row.url, exc_info=exc)
-            status, error = "failed", f"internal_error: {type(exc).__name__}: {exc}"[:300]
+            status, error = "failed", f"internal_error: {clean_detail(f'{type(exc).__name__}: {exc}')}"
         elif fetched is not None and fetched.error is not None:
             status, error = ("skipped" if fetched.skipped else "failed"), fetched.error
         elif image is not None and image.error is not None:

@@ -10,26 +10,33 @@ blocked read at once.
 from __future__ import annotations
 
 import email.utils
+import http.cookiejar
 import heapq
 import itertools
 import logging
 import random
+import re
 import socket
 import threading
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Optional
 from urllib.parse import urljoin, urlsplit
 
 import requests
+import urllib3.exceptions
 
 from laion_spark.config import DownloadConfig
 from laion_spark.download.safety import (
     AddressPolicy,
+    MAX_INFORMATIONAL_RESPONSES,
     BlockedAddressError,
     PinnedAddressAdapter,
     ResolveError,
+    ResolveTimeout,
     Resolver,
+    clean_detail,
 )
 
 log = logging.getLogger(__name__)
@@ -58,8 +65,11 @@ class FetchResult:
 
 
 class FetchError(Exception):
+    """One stable snake_case code plus a detail with no per-run value (`code: detail`)."""
+
     def __init__(self, code: str, detail: str = "", http_status: Optional[int] = None,
                  skipped: bool = False, retry_after: Optional[float] = None):
+        detail = clean_detail(detail)
         super().__init__(f"{code}: {detail}" if detail else code)
         self.code = code
         self.http_status = http_status
@@ -169,7 +179,7 @@ class HostLimiter:
                     self._active[host] = self._active.get(host, 0) + 1
                     return
                 if wait_until > deadline:
-                    raise FetchError("host_backoff", f"{host} asked to wait {wait_until - now:.1f}s")
+                    raise FetchError("host_backoff", f"{host} asked to wait past the deadline")
                 if now >= deadline:
                     raise FetchError("timeout", f"waiting for a free slot for {host}")
                 self._cond.wait(min(deadline, max(wait_until, now + 0.05)) - now)
@@ -243,6 +253,74 @@ def user_agent_token(user_agent: str) -> str:
     return user_agent.split("/", 1)[0].split()[0].strip() if user_agent.strip() else ""
 
 
+# --------------------------------------------------------------------------- body decoding
+_CONTENT_LENGTH = re.compile(r"[0-9]{1,18}")
+
+
+def parse_content_length(value: Optional[str]) -> Optional[int]:
+    """The Content-Length, None when absent; FetchError("bad_response") for `²`, `-1`, `1e3` or
+    two different values (`10, 20`), which a server that means well never sends."""
+    if value is None:
+        return None
+    parts = {p.strip() for p in value.split(",")}
+    if len(parts) != 1 or not _CONTENT_LENGTH.fullmatch(next(iter(parts))):
+        raise FetchError("bad_response", f"Content-Length {value[:40]!r}")
+    return int(next(iter(parts)))
+
+
+class BodyDecoder:
+    """Undoes Content-Encoding (gzip, x-gzip, deflate, stacked) while streaming, never producing
+    more than `limit` bytes: a gzip bomb stops at the cap, not after inflating."""
+
+    def __init__(self, content_encoding: Optional[str], limit: int):
+        codings = [c.strip().lower() for c in (content_encoding or "").split(",")]
+        codings = [c for c in codings if c and c != "identity"]
+        if len(codings) > 3:
+            raise FetchError("unsupported_encoding", f"{len(codings)} stacked content codings")
+        for c in codings:
+            if c not in ("gzip", "x-gzip", "deflate"):
+                raise FetchError("unsupported_encoding", f"Content-Encoding {c[:40]!r}")
+        self.codings = list(reversed(codings))  # the last applied is undone first
+        self.limit = limit
+        self._inflaters = [zlib.decompressobj(zlib.MAX_WBITS | 32) for _ in self.codings]
+        self._started = [False] * len(self.codings)
+        self.size = 0
+
+    def _inflate(self, i: int, data: bytes) -> list[bytes]:
+        out: list[bytes] = []
+        d = self._inflaters[i]
+        while data and not d.eof:
+            try:
+                piece = d.decompress(data, READ_CHUNK)
+            except zlib.error:
+                if self._started[i] or self.codings[i] != "deflate":
+                    raise FetchError("bad_encoding", f"{self.codings[i]} stream is corrupt")
+                # "deflate" sent as a raw stream (no zlib header), as some servers do
+                self._inflaters[i] = d = zlib.decompressobj(-zlib.MAX_WBITS)
+                self._started[i] = True
+                continue
+            self._started[i] = True
+            out.append(piece)
+            data = d.unconsumed_tail
+            if sum(map(len, out)) > self.limit:
+                raise FetchError("too_large", f"decoded body over {self.limit} bytes")
+        return out
+
+    def feed(self, data: bytes) -> list[bytes]:
+        pieces = [data]
+        for i in range(len(self.codings)):
+            pieces = [p for chunk in pieces for p in self._inflate(i, chunk)]
+        self.size += sum(map(len, pieces))
+        if self.size > self.limit:
+            raise FetchError("too_large", f"decoded body over {self.limit} bytes")
+        return pieces
+
+    def finish(self) -> None:
+        for i, d in enumerate(self._inflaters):
+            if self._started[i] and not d.eof and self.codings[i] != "deflate":
+                raise FetchError("truncated", f"{self.codings[i]} stream ends early")
+
+
 # --------------------------------------------------------------------------- the fetcher
 class Fetcher:
     """Fetch URLs from many threads; each thread keeps its own pooled `requests` session."""
@@ -250,7 +328,8 @@ class Fetcher:
     def __init__(self, cfg: DownloadConfig):
         self.cfg = cfg
         self.policy = AddressPolicy(cfg.allow_loopback, cfg.allow_private_addresses)
-        self.resolver = Resolver(self.policy)
+        self.resolver = Resolver(self.policy, negative_ttl_s=cfg.dns_negative_ttl_s,
+                                 max_entries=cfg.max_dns_cache_entries, connect_to=cfg.connect_to)
         self.hosts = HostLimiter(cfg.per_host_concurrency)
         self.watchdog = DeadlineWatchdog()
         self.token = user_agent_token(cfg.user_agent)
@@ -263,6 +342,8 @@ class Fetcher:
         if session is None:
             session = requests.Session()
             session.trust_env = False  # no proxies or netrc from the environment: we pin addresses
+            # No cookie is kept or sent: prepare_request would add the jar's cookies to every request.
+            session.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
             adapter = PinnedAddressAdapter(self.policy, on_conn=self.watchdog.note_connection)
             session.mount("http://", adapter)
             session.mount("https://", adapter)
@@ -280,6 +361,7 @@ class Fetcher:
 
     def close(self) -> None:
         self.watchdog.stop()
+        self.resolver.close()
         with self._sessions_lock:
             for s in self._sessions:
                 s.close()
@@ -319,25 +401,19 @@ class Fetcher:
         session = self._session()
         current = url
         for hop in range(cfg.max_redirects + 1):
-            parts = urlsplit(current)
-            if parts.scheme not in ("http", "https"):
-                raise FetchError("unsupported_scheme", repr(parts.scheme), skipped=True)
-            host = (parts.hostname or "").lower()
-            if not host:
-                raise FetchError("bad_url", current)
+            scheme, host, port = split_target(current)
             try:
-                port = parts.port or (443 if parts.scheme == "https" else 80)
-            except ValueError as exc:
-                raise FetchError("bad_url", str(exc)) from exc
-            try:
-                ip = self.resolver.resolve(host, port)
+                ip = self.resolver.resolve(host, port, deadline)
             except BlockedAddressError as exc:
                 raise FetchError("blocked_address", str(exc), skipped=True) from exc
+            except ResolveTimeout as exc:
+                raise FetchError("timeout", f"total deadline {cfg.total_deadline_s:g}s (DNS)") from exc
             except ResolveError as exc:
                 raise FetchError("dns_error", str(exc)) from exc
             self.hosts.acquire(host, deadline)
             try:
-                redirect = self._one_hop(session, current, ip, host, deadline)
+                redirect = self._one_hop(session, current, ip, self.resolver.port_for(host, port), host,
+                                         deadline)
             finally:
                 self.hosts.release(host)
             if isinstance(redirect, str):
@@ -347,16 +423,19 @@ class Fetcher:
             return body, status, current, ctype
         raise FetchError("too_many_redirects", f"more than {cfg.max_redirects}")
 
-    def _one_hop(self, session: requests.Session, url: str, ip, host: str, deadline: float):
+    def _one_hop(self, session: requests.Session, url: str, ip, port: int, host: str, deadline: float):
         cfg = self.cfg
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise FetchError("timeout", f"total deadline {cfg.total_deadline_s:g}s")
         try:
-            request = requests.Request("GET", url).prepare()
-        except (requests.RequestException, ValueError) as exc:
-            raise FetchError("bad_url", str(exc)) from exc
+            # prepare_request, not Request.prepare(): only it merges the session's headers (our
+            # User-Agent with its opt-out URL, Accept); session.send() alone sends none of them.
+            request = session.prepare_request(requests.Request("GET", url))
+        except (requests.RequestException, ValueError, UnicodeError) as exc:
+            raise FetchError("bad_url", _short(exc)) from exc
         request.pinned_ip = ip  # type: ignore[attr-defined]
+        request.pinned_port = port  # type: ignore[attr-defined]
         guard = self.watchdog.arm(deadline)
         response = None
         try:
@@ -373,23 +452,34 @@ class Fetcher:
                 if guard.expired:
                     raise FetchError("timeout", f"total deadline {cfg.total_deadline_s:g}s") from exc
                 if "refused:" in str(exc):
-                    raise FetchError("blocked_address", str(exc), skipped=True) from exc
+                    raise FetchError("blocked_address", _short(exc), skipped=True) from exc
+                if isinstance(exc, requests.exceptions.InvalidHeader) and "Content-Length" in str(exc):
+                    raise FetchError("bad_response", _short(exc)) from exc
+                if "1xx responses" in str(exc):
+                    raise FetchError("bad_response", f"more than {MAX_INFORMATIONAL_RESPONSES} 1xx responses") from exc
                 raise FetchError("connection_error", _short(exc)) from exc
             except BlockedAddressError as exc:
                 raise FetchError("blocked_address", str(exc), skipped=True) from exc
+            except (ValueError, UnicodeError) as exc:  # a URL requests accepted but cannot send
+                raise FetchError("bad_url", _short(exc)) from exc
             status = response.status_code
             if status in (301, 302, 303, 307, 308):
                 location = response.headers.get("Location")
                 if not location:
                     raise FetchError("bad_redirect", "no Location header", http_status=status)
-                return urljoin(url, location)
+                try:
+                    target = urljoin(url, location.strip())
+                except ValueError as exc:  # the next hop's checks refuse the rest (scheme, host)
+                    raise FetchError("bad_redirect", f"Location {location[:100]!r}", http_status=status) from exc
+                return target
             if status in (429, 503):
-                retry_after = parse_retry_after(response.headers.get("Retry-After"), 1.0)
+                header = response.headers.get("Retry-After")
+                retry_after = parse_retry_after(header, 1.0)
                 self.hosts.back_off(host, retry_after)
-                raise FetchError(f"http_{status}", f"Retry-After {retry_after:g}s", http_status=status,
-                                 retry_after=retry_after)
+                raise FetchError(f"http_{status}", f"Retry-After {(header or 'absent')[:40]!r}",
+                                 http_status=status, retry_after=retry_after)
             if status != 200:
-                raise FetchError(f"http_{status}", response.reason or "", http_status=status)
+                raise FetchError(f"http_{status}", (response.reason or "")[:60], http_status=status)
             if cfg.respect_robots_headers and cfg.disallowed_robots_values:
                 tags = response.raw.headers.getlist("X-Robots-Tag") if hasattr(
                     response.raw.headers, "getlist") else [response.headers.get("X-Robots-Tag", "")]
@@ -397,10 +487,15 @@ class Fetcher:
                 if refused:
                     raise FetchError("robots_disallowed", f"X-Robots-Tag {refused}", http_status=status,
                                      skipped=True)
-            length = response.headers.get("Content-Length")
-            if length and length.strip().isdigit() and int(length) > cfg.max_bytes:
+            try:
+                length = parse_content_length(response.headers.get("Content-Length"))
+                decoder = BodyDecoder(response.headers.get("Content-Encoding"), cfg.max_bytes)
+            except FetchError as exc:
+                exc.http_status = status
+                raise
+            if length is not None and length > cfg.max_bytes:
                 raise FetchError("too_large", f"Content-Length {length} > {cfg.max_bytes}", http_status=status)
-            body = self._read_body(response, deadline, guard)
+            body = self._read_body(response, deadline, guard, length, decoder)
             return body, status, response.headers.get("Content-Type")
         finally:
             self.watchdog.disarm(guard)
@@ -410,7 +505,9 @@ class Fetcher:
                 else:
                     response.close()
 
-    def _read_body(self, response: requests.Response, deadline: float, guard: _Guard) -> bytes:
+    def _read_body(self, response: requests.Response, deadline: float, guard: _Guard,
+                   expected: Optional[int], decoder: BodyDecoder) -> bytes:
+        """The body as sent (Content-Length counts these bytes), then decoded under the byte cap."""
         cfg = self.cfg
         chunks: list[bytes] = []
         size = 0
@@ -420,15 +517,17 @@ class Fetcher:
                 if time.monotonic() >= deadline:
                     raise FetchError("timeout", f"total deadline {cfg.total_deadline_s:g}s (body)",
                                      http_status=response.status_code)
-                chunk = raw.read(READ_CHUNK, decode_content=True)
+                chunk = raw.read(READ_CHUNK, decode_content=False)
                 if not chunk:
                     break
                 size += len(chunk)
                 if size > cfg.max_bytes:
                     raise FetchError("too_large", f"body over {cfg.max_bytes} bytes",
                                      http_status=response.status_code)
-                chunks.append(chunk)
-        except FetchError:
+                chunks.extend(decoder.feed(chunk) if decoder.codings else (chunk,))
+            decoder.finish()
+        except FetchError as exc:
+            exc.http_status = response.status_code
             raise
         except Exception as exc:  # socket shut by the watchdog, reset, protocol error
             if guard.expired or time.monotonic() >= deadline:
@@ -436,18 +535,37 @@ class Fetcher:
                                  http_status=response.status_code) from exc
             if isinstance(exc, (socket.timeout, requests.exceptions.ReadTimeout)) or "timed out" in str(exc):
                 raise FetchError("timeout", f"read: {_short(exc)}", http_status=response.status_code) from exc
+            if "IncompleteRead" in repr(exc) or isinstance(exc, urllib3.exceptions.IncompleteRead):
+                raise FetchError("truncated", f"connection closed after {size} of {expected} bytes",
+                                 http_status=response.status_code) from exc
             raise FetchError("connection_error", f"body: {_short(exc)}",
                              http_status=response.status_code) from exc
         if guard.expired:
             raise FetchError("timeout", f"total deadline {cfg.total_deadline_s:g}s (body)",
                              http_status=response.status_code)
-        expected = response.headers.get("Content-Length")
-        if expected and expected.strip().isdigit() and int(expected) != size:
+        if expected is not None and expected != size:
             raise FetchError("truncated", f"got {size} of {expected} bytes", http_status=response.status_code)
         response._fully_read = True  # type: ignore[attr-defined]
         return b"".join(chunks)
 
 
+def split_target(url: str) -> tuple[str, str, int]:
+    """(scheme, host, port) of a URL we may fetch, or a FetchError with a stable code: a URL from
+    the web is hostile (`http://[::1/`, `http://a:99999/`, `javascript:`, a NUL in the host)."""
+    try:
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        if scheme not in ("http", "https"):
+            raise FetchError("unsupported_scheme", repr(scheme[:20]), skipped=True)
+        host = (parts.hostname or "").lower()
+        port = parts.port or (443 if scheme == "https" else 80)
+    except ValueError as exc:  # bad IPv6 literal, port out of range
+        raise FetchError("bad_url", _short(exc)) from exc
+    if not host or len(host) > 253 or any(c in host for c in "\x00\t\r\n /\\@"):
+        raise FetchError("bad_url", f"host {host[:60]!r}")
+    return scheme, host, port
+
+
 def _short(exc: BaseException, limit: int = 200) -> str:
-    text = f"{type(exc).__name__}: {exc}"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    """`Type: message` without memory addresses or control characters, capped."""
+    return clean_detail(f"{type(exc).__name__}: {exc}", limit)

@@ -20,8 +20,9 @@ import mmh3
 import pyarrow as pa
 
 from laion_spark.config import ExtractConfig
-from laion_spark.extract.html import charset_from_content_type, decode_html, extract_images
-from laion_spark.extract.records import ReadFailure, RawRecord, iter_records
+from laion_spark.extract.html import (charset_from_content_type, decode_html_sniffed, extract_images,
+                                     html_nesting)
+from laion_spark.extract.records import ExtractError, ReadFailure, RawRecord, error_text, iter_records
 from laion_spark.extract.rules import (ABSOLUTE_HTTP, DROP_EXTENSION, DROP_HOSTNAME, DROP_INVALID_URL,
                                        DROP_NO_ALT, DROP_SHORT_ALT, DROP_URL_LENGTH, CandidateRules,
                                        LanguageIdentifier, resolve_base)
@@ -34,6 +35,10 @@ except ImportError:  # pragma: no cover
     _loads = json.loads
 
 log = logging.getLogger(__name__)
+
+# Counted in the file row's `drops` (not reasons a reference is dropped, but how pages were read):
+DROP_HTML_CUT = "html_cut"  # a page over max_html_bytes, read up to that size
+DROP_META_CHARSET_ON_UTF8 = "meta_charset_on_utf8"  # <meta> named a legacy charset, bytes were UTF-8
 
 KIND_CANDIDATE = "candidate"
 KIND_FAILURE = "failure"
@@ -92,13 +97,66 @@ def crawl_of(path: str, configured: str = "") -> str:
 
 
 def parse_warc_date(value: Optional[str]) -> Optional[dt.datetime]:
-    if not value:
+    """The date of a WARC-Date (ISO 8601), or None when it does not parse or does not fit a
+    datetime once made UTC (`0001-01-01T00:00:00+23:59` is before year 1)."""
+    if not value or value.__class__ is not str:
         return None
     try:
         d = dt.datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
-    except ValueError:
+        if d.tzinfo is None:
+            return d.replace(tzinfo=dt.timezone.utc)
+        return d.astimezone(dt.timezone.utc)
+    except (ValueError, OverflowError):
         return None
-    return d if d.tzinfo else d.replace(tzinfo=dt.timezone.utc)
+
+
+def fetch_time_us(value: Optional[str], min_year: int) -> tuple[Optional[int], Optional[str]]:
+    """(microseconds since the epoch, None) for a WARC-Date in [min_year, now + 1 day], else
+    (None, why): the row keeps a null fetch_time and the record gets a `bad_date` failure note."""
+    if not value:
+        return None, None
+    when = parse_warc_date(value)
+    if when is None:
+        return None, f"WARC-Date {str(value)[:60]!r} does not parse"
+    if when.year < min_year or when > dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=1):
+        return None, f"WARC-Date {str(value)[:60]!r} outside [{min_year}, now + 1 day]"
+    return int(when.timestamp() * 1_000_000), None
+
+
+# Characters no C extension (mmh3, gcld3, selectolax) may see: lone surrogates (the stdlib json
+# and `surrogateescape` make them), NUL and the other C0/DEL controls except tab, LF, CR.
+_BAD_CHARS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
+_bad_chars = _BAD_CHARS.search
+_SURROGATES = re.compile("[\ud800-\udfff]")
+# An alt text clean_text may change: anything but printable ASCII, tab, LF, CR; or an entity.
+_NEEDS_CLEANING = re.compile("[^\x20-\x7e\t\n\r]|&").search
+# A URL with a control or lone surrogate (tab/LF/CR included: they are removed).
+_URL_CONTROLS = re.compile("[\x00-\x1f\x7f\ud800-\udfff]").search
+
+
+def clean_text(text: str) -> str:
+    """Alt/title text as LAION cleaned it: lone surrogates → U+FFFD, then `ftfy.fix_text`
+    (mojibake, HTML entities, control characters), then the remaining controls dropped. ASCII
+    without `&` or ESC is what ftfy returns unchanged up to controls and line breaks (tested),
+    so it skips ftfy (most alt text; ftfy costs ~20 µs a string)."""
+    if text.isascii() and "&" not in text and "\x1b" not in text:
+        return _BAD_CHARS.sub("", text) if _bad_chars(text) else text
+    import ftfy
+
+    if _SURROGATES.search(text):
+        text = _SURROGATES.sub("\ufffd", text)
+    text = ftfy.fix_text(text)
+    return _BAD_CHARS.sub("", text) if _bad_chars(text) else text
+
+
+def clean_url(ref: str) -> Optional[str]:
+    """A URL reference safe to hash, or None: tab/LF/CR are removed (the URL standard strips
+    them), any other control or a lone surrogate makes it unusable."""
+    if "\t" in ref or "\n" in ref or "\r" in ref:
+        ref = ref.replace("\t", "").replace("\n", "").replace("\r", "")
+    if _bad_chars(ref):
+        return None
+    return ref
 
 
 def _first(value: Any) -> Any:
@@ -116,15 +174,26 @@ class HttpResponse:
     body: bytes
 
 
+# (status, lower-cased headers, body start) of an HTTP response block; the header must end
+# within this many bytes (the reader hands over at least the first 16 KiB of a block).
+_MAX_HTTP_HEADER_BYTES = 65536
+
+
 def split_http_response(block: bytes) -> Optional[tuple[int, dict[str, str], int]]:
-    """(status, lower-cased headers, body start) of an HTTP response block, or None if it is not one."""
-    end = block.find(b"\r\n\r\n")
-    sep = 4
-    if end < 0:
-        end = block.find(b"\n\n")
-        sep = 2
-        if end < 0:
-            return None
+    """(status, lower-cased headers, body start) of an HTTP response block, or None if it is not one.
+
+    The header ends at the first blank line of either form (`\n\n` or `\n\r\n`): old servers
+    and ClueWeb-era WARCs end header lines with a bare LF, and a `\r\n\r\n` found first would
+    lie deep inside their HTML."""
+    head_end = min(len(block), _MAX_HTTP_HEADER_BYTES)
+    lf = block.find(b"\n\n", 0, head_end)
+    crlf = block.find(b"\n\r\n", 0, head_end)
+    if lf < 0 and crlf < 0:
+        return None
+    if crlf >= 0 and (lf < 0 or crlf < lf):
+        end, body_start = crlf, crlf + 3
+    else:
+        end, body_start = lf, lf + 2
     head = block[:end].decode("latin-1")
     lines = head.replace("\r\n", "\n").split("\n")
     status_line = lines[0].split(None, 2)
@@ -139,40 +208,114 @@ def split_http_response(block: bytes) -> Optional[tuple[int, dict[str, str], int
         name, colon, value = line.partition(":")
         if colon:
             headers[name.strip().lower()] = value.strip()
-    return status, headers, end + sep
+    return status, headers, body_start
 
 
-def _dechunk(body: bytes) -> bytes:
-    out, i = [], 0
-    while i < len(body):
-        j = body.find(b"\r\n", i)
+def _dechunk(body: bytes, max_bytes: int) -> tuple[bytes, bool]:
+    """Undo chunked transfer coding: (data, cut at max_bytes). Each step moves forward, so it ends
+    on any input; a size line that is not a non-negative hex number ends the data there (a
+    body that does not start with one is taken as not really chunked and kept as is)."""
+    out: list[bytes] = []
+    got = i = 0
+    n = len(body)
+    while i < n:
+        j = body.find(b"\n", i, i + 1024)
         if j < 0:
             break
-        try:
-            size = int(body[i:j].split(b";")[0].strip(), 16)
-        except ValueError:
-            return body  # not really chunked: keep as is
+        token = body[i:j].split(b";", 1)[0].strip()
+        if not token or token.strip(b"0123456789abcdefABCDEF"):
+            if i == 0:
+                return body[:max_bytes], len(body) > max_bytes
+            break  # garbage or a negative size: what came before is the body
+        size = int(token, 16)
         if size == 0:
             break
-        out.append(body[j + 2:j + 2 + size])
-        i = j + 2 + size + 2
-    return b"".join(out)
+        chunk = body[j + 1:j + 1 + size]
+        if got + len(chunk) > max_bytes:
+            out.append(chunk[:max_bytes - got])
+            return b"".join(out), True
+        out.append(chunk)
+        got += len(chunk)
+        i = j + 1 + size
+        if body[i:i + 2] == b"\r\n":
+            i += 2
+        elif body[i:i + 1] == b"\n":
+            i += 1
+    return b"".join(out), False
 
 
-def decode_http_body(headers: dict[str, str], body: bytes) -> bytes:
-    """Undo chunked transfer and gzip/deflate content encoding where the crawler kept them."""
-    if "chunked" in headers.get("transfer-encoding", "").lower():
-        body = _dechunk(body)
-    encoding = headers.get("content-encoding", "").lower().strip()
-    if encoding in ("gzip", "x-gzip", "deflate") and body[:2] in (b"\x1f\x8b", b"\x78\x9c", b"\x78\x01", b"\x78\xda"):
+_ZLIB_STARTS = (b"\x1f\x8b", b"\x78\x9c", b"\x78\x01", b"\x78\xda", b"\x78\x5e")
+
+
+def _inflate(body: bytes, wbits: int, max_bytes: int) -> tuple[bytes, bool]:
+    """Inflate at most max_bytes of output (the cap is on what comes out: a 4 MB bomb never
+    becomes 3 GB); (data, cut). Gzip members after the first are inflated too, under the cap."""
+    out: list[bytes] = []
+    got = 0
+    data = body
+    while data:
+        d = zlib.decompressobj(wbits)
         try:
-            return zlib.decompress(body, 47 if body[:2] == b"\x1f\x8b" else 15)
+            chunk = d.decompress(data, max_bytes - got + 1)
+        except zlib.error:
+            if not out and got == 0:
+                raise
+            break
+        out.append(chunk)
+        got += len(chunk)
+        if got > max_bytes or d.unconsumed_tail:
+            return b"".join(out)[:max_bytes], True
+        data = d.unused_data if d.eof and wbits == 47 else b""
+    return b"".join(out), False
+
+
+def _unbrotli(body: bytes, max_bytes: int) -> tuple[bytes, bool]:
+    import brotli
+
+    d = brotli.Decompressor()
+    out = [d.process(body, output_buffer_limit=max_bytes + 1)]
+    got = len(out[0])
+    while got <= max_bytes and not d.is_finished() and not d.can_accept_more_data():
+        more = d.process(b"", output_buffer_limit=max_bytes + 1 - got)
+        if not more:
+            break
+        out.append(more)
+        got += len(more)
+    data = b"".join(out)
+    return data[:max_bytes], got > max_bytes
+
+
+def decode_http_body(headers: dict[str, str], body: bytes,
+                     max_bytes: int = 5_000_000) -> tuple[bytes, bool]:
+    """Undo chunked transfer and gzip/deflate/br content encoding where the crawler kept them,
+    streaming with the output capped at max_bytes: (body, cut). A body that does not decode as
+    its Content-Encoding says is kept as is (crawlers often store the decoded body and keep the
+    header)."""
+    cut = False
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        body, cut = _dechunk(body, max_bytes)
+    encoding = headers.get("content-encoding", "").lower().strip()
+    if encoding in ("gzip", "x-gzip", "deflate") and body[:2] in _ZLIB_STARTS:
+        try:
+            return _inflate(body, 47 if body[:2] == b"\x1f\x8b" else 15, max_bytes)
         except zlib.error:
             try:
-                return zlib.decompressobj(-15).decompress(body)
+                return _inflate(body, -15, max_bytes)
             except zlib.error:
-                return body
-    return body
+                pass
+    elif encoding == "deflate" and not _looks_like_html(None, body[:512]):  # raw deflate (no zlib header), as some servers send
+        try:
+            return _inflate(body, -15, max_bytes)
+        except zlib.error:
+            pass
+    elif encoding == "br" and not _looks_like_html(None, body[:512]):
+        try:
+            return _unbrotli(body, max_bytes)
+        except Exception:  # noqa: BLE001 - brotli.error: not really brotli, keep the bytes
+            pass
+    if len(body) > max_bytes:
+        return body[:max_bytes], True
+    return body, cut
 
 
 def _is_http_record(rec: RawRecord) -> bool:
@@ -202,90 +345,155 @@ class WatPage:
     img_links: list  # the HTML-Metadata → Links entries whose path is "IMG@/src"
 
 
+def _as_dict(value: Any) -> dict:
+    """A JSON object, or {} for anything else (a WAT value of the wrong type reads as absent)."""
+    return value if value.__class__ is dict else {}
+
+
+def _load_json(data: bytes) -> Any:
+    try:
+        return _loads(data)
+    except ValueError as exc:  # orjson.JSONDecodeError is a ValueError
+        text = str(exc)
+        code = "too_deep" if "depth" in text.lower() or "recursion" in text.lower() else "bad_json"
+        raise ExtractError(code, text[:300]) from None
+
+
+def _page_of(doc: Any, links: Optional[list] = None) -> WatPage:
+    """The WatPage of a parsed document; `links` (the fast path's) replaces `Links` when given."""
+    env = _as_dict(_as_dict(doc).get("Envelope"))
+    header_meta = _as_dict(env.get("WARC-Header-Metadata"))
+    http = _as_dict(_as_dict(env.get("Payload-Metadata")).get("HTTP-Response-Metadata"))
+    html_meta = _as_dict(http.get("HTML-Metadata"))
+    head = _as_dict(html_meta.get("Head"))
+    if links is None:
+        # `path` is a plain string in every WAT version; only header values became lists.
+        found = html_meta.get("Links")
+        links = [link for link in (found if found.__class__ is list else ())
+                 if link.__class__ is dict and link.get("path") == "IMG@/src"]
+    return WatPage(header_meta, head.get("Base"), links)
+
+
 def parse_wat_page(block: bytes) -> WatPage:
     """The whole JSON document parsed (orjson): the reference path, and the fallback of
-    `parse_wat_page_fast`. Raises on JSON that does not parse (the caller makes a failure row)."""
+    `parse_wat_page_fast`. Raises ExtractError (`bad_json`, `too_deep`) on JSON that does not
+    parse; orjson refuses lone surrogates and nests at most 1,024 deep."""
     start = block.find(b"{")
-    doc = _loads(block[start:] if start > 0 else block)
-    env = doc.get("Envelope") or {}
-    header_meta = env.get("WARC-Header-Metadata") or {}
-    http = (env.get("Payload-Metadata") or {}).get("HTTP-Response-Metadata") or {}
-    html_meta = http.get("HTML-Metadata") or {}
-    head = html_meta.get("Head") or {}
-    # `path` is a plain string in every WAT version; only header values became lists.
-    links = [link for link in html_meta.get("Links") or ()
-             if link.__class__ is dict and link.get("path") == "IMG@/src"]
-    return WatPage(header_meta, head.get("Base"), links)
+    return _page_of(_load_json(block[start:] if start > 0 else block))
 
 
 _IMG_KEY = b'"path":"IMG@/src"'
 _LINKS_KEY = b'"Links":['
-_HEAD_KEY = b'"Head":{'
-_HEADER_META_KEY = b'"WARC-Header-Metadata":{'
-_json_decoder = json.JSONDecoder()
+_CUT = b'"\\u0000links-cut"'  # what the rest's Links array holds instead: a JSON string no WAT has
+_CUT_VALUE = "\x00links-cut"
+_NOT_CLOSING = frozenset(b':,{[\\ \t\n\r')
+
+
+def _links_end(block: bytes, open_at: int) -> int:
+    """Index of the `]` that closes a Links array of flat objects opened just before open_at,
+    or -1 when that is not certain. Walks the `[` and `]` bytes only (single-byte scans): a `[`
+    after `":`, `[` or `,` may open a nested array (-1); a `]` is the close when it follows `"}`
+    whose quote is a real delimiter (an even run of backslashes before it) that cannot be a
+    string's opening quote (not after `:`, `,`, `{`, `[` or a space), and is followed by `}` or
+    `,`. A `]` after `}` with no quote (a non-string last value) or after `]` is not decided
+    (-1); any other `]` lies inside a string."""
+    find = block.find
+    k = open_at
+    while True:
+        k = find(b"]", k)
+        if k < 0:
+            return -1
+        if k == open_at:  # "Links":[]
+            return k if block[k + 1:k + 2] in (b"}", b",") else -1
+        prev = block[k - 1]
+        if prev == 0x7D:  # "}"
+            if block[k - 2] != 0x22:  # '"'
+                return -1
+            j = k - 3
+            while block[j] == 0x5C:  # "\\"
+                j -= 1
+            if (k - 3 - j) % 2 == 0:  # the quote is a delimiter
+                if j == k - 3 and block[j] in _NOT_CLOSING:
+                    return -1
+                break
+        elif prev == 0x5D:  # "]"
+            return -1
+        k += 1
+    if block[k + 1:k + 2] not in (b"}", b","):
+        return -1
+    i = open_at
+    while True:
+        i = find(b"[", i, k)
+        if i < 0:
+            return k
+        if block[i - 1] in b"[," or block[i - 2:i] == b'":':
+            return -1
+        i += 1
 
 
 def parse_wat_page_fast(block: bytes) -> Optional[WatPage]:
-    """The same WatPage as `parse_wat_page`, without building the whole document, or None.
+    """The same WatPage as `parse_wat_page`, building only the image links, or None (then the
+    caller parses the whole document).
 
-    A WAT response record is mostly its `Links` array (hundreds of `A@/href` entries), and only
-    the `IMG@/src` entries, the WARC header metadata and `Head.Base` are needed. A byte scan of a
-    record costs a tenth to a fifth of a full orjson parse, so this makes about two.
-
-    In compact JSON (Common Crawl's) the bytes `"path":"IMG@/src"` cannot lie inside a string
-    (its quotes would be escaped), so each is a key of one flat link object: the object is cut
-    from the `{` before it to the `}` after it and only those objects are parsed. A cut that lands
-    inside a string (a `{` or `}` in an alt text) cannot parse as one object, and parts that merge
-    change the count. It does not validate the rest of the document: a payload cut exactly
-    after a `}` (a producer bug; a short WARC record is caught by the reader) gives the links it
-    holds rather than a failure row. A record that does not end in `}`, is not compact (`"Links":[` and
-    `"WARC-Header-Metadata":{` not found as such), or has a `Base` outside a found `Head`
-    returns None, and the caller parses the whole document. Structural keys are taken where
-    Common Crawl's schema puts them (`IMG@/src` entries only inside `Links`, `Head` before or
-    after it). The differential tests check that both functions give the same page on real and
-    adversarial records."""
-    if not block.rstrip().endswith(b"}"):
-        return None  # truncated: the whole-document parse reports it
+    A WAT response record is mostly its `Links` array (hundreds of `A@/href` objects), and only
+    the `IMG@/src` ones are needed. The document is parsed by orjson with the `Links` array
+    replaced by a marker (`"Links":["\\u0000links-cut"]`), so every other value (header
+    metadata, `Head.Base`, duplicate keys, wrong types, lone surrogates) is exactly the full
+    parse's, and the marker must come out where the full parse reads `Links` (else the cut was
+    not the `Links` that counts). Of the array, only the `"path":"IMG@/src"` objects are parsed:
+    in compact JSON (Common Crawl's) those bytes cannot lie inside a string (its quotes would be
+    escaped), so each is a key of an object, cut from the `{` before it to the `}` after it.
+    It returns None whenever the cut is not certain (all checks are single-byte scans, or scans
+    of short spans, as multi-byte searches over the array cost as much as orjson):
+    - the array ends at its first `]`, which must close a string and an object (`"}]`, the
+      quote not after `:`, `,`, `{`, `[`, `\\` or a space) and be followed by `}` or `,`; no `[`
+      before it (no nested arrays) and no second `"Links":[` after it;
+    - each cut object must follow `[` or `,` (an element, not a nested value) and parse as one
+      object; an array holding a `\\` must hold no `\\u` or `\\/` (an escaped `IMG@\\/src` is
+      the same JSON string).
+    Not checked: JSON syntax inside the `A@/href` objects that are skipped (a producer bug)."""
     links_at = block.find(_LINKS_KEY)
-    meta_at = block.find(_HEADER_META_KEY)
-    if links_at < 0 or meta_at < 0:
+    if links_at < 0:
+        return None
+    open_at = links_at + len(_LINKS_KEY)  # just after "["
+    end_of_array = _links_end(block, open_at)
+    if end_of_array < 0:
+        return None
+    if block.find(b"\\", open_at, end_of_array) >= 0 and (
+            block.find(b"\\u", open_at, end_of_array) >= 0 or block.find(b"\\/", open_at, end_of_array) >= 0):
+        return None
+    if block.find(_LINKS_KEY, end_of_array) >= 0:
         return None
     parts = []
-    end = links_at
-    pos = block.find(_IMG_KEY, links_at)
+    end = open_at
+    pos = block.find(_IMG_KEY, open_at, end_of_array)
     while pos >= 0:
         start = block.rfind(b"{", end, pos)
-        end = block.find(b"}", pos)
-        if start < 0 or end < 0:
+        end = block.find(b"}", pos, end_of_array)
+        if start < 0 or end < 0 or block[start - 1] not in b"[,":
             return None
         parts.append(block[start:end + 1])
-        pos = block.find(_IMG_KEY, end)
+        pos = block.find(_IMG_KEY, end, end_of_array)
     if not parts:
         return None
-    # Head follows Links in Common Crawl's WATs (so search on from the last image), else precedes it
-    head_at = block.find(_HEAD_KEY, end)
-    if head_at < 0:
-        head_at = block.find(_HEAD_KEY, 0, links_at)
+    doc_start = block.find(b"{")
+    rest = block[doc_start if doc_start > 0 else 0:open_at] + _CUT + block[end_of_array:]
     try:
         links = _loads(b"[" + b",".join(parts) + b"]")
-        header_start = meta_at + len(_HEADER_META_KEY) - 1
-        header_meta = _loads(block[header_start:block.index(b"}", header_start) + 1])
-        base = None
-        if head_at < 0:
-            if b'"Base"' in block:
-                return None  # a Head this does not find
-        elif block.find(b'"Base"', head_at) >= 0:
-            # rare (few pages have <base>): decode the Head object exactly (it nests arrays)
-            head_start = head_at + len(_HEAD_KEY) - 1
-            head, _ = _json_decoder.raw_decode(block[head_start:].decode("utf-8"))
-            base = head.get("Base")
-    except (ValueError, UnicodeDecodeError):
+        doc = _loads(rest)
+    except ValueError:
         return None
-    if len(links) != len(parts) or header_meta.__class__ is not dict:
+    if len(links) != len(parts):
         return None
+    env = _as_dict(_as_dict(doc).get("Envelope"))
+    html_meta = _as_dict(_as_dict(_as_dict(env.get("Payload-Metadata")).get(
+        "HTTP-Response-Metadata")).get("HTML-Metadata"))
+    cut = html_meta.get("Links")
+    if cut.__class__ is not list or len(cut) != 1 or cut[0] != _CUT_VALUE:
+        return None  # the cut was not the Links that counts
     # (each part starts with "{", so each parsed link is a dict; the caller checks each `path`,
     # since a JSON object may repeat a key and the last one counts)
-    return WatPage(header_meta, base, links)
+    return _page_of(doc, links)
 
 
 # ------------------------------------------------------------------------------- per file
@@ -362,6 +570,7 @@ class FileExtractor:
         self.rules = CandidateRules(cfg)
         self.lang = LanguageIdentifier(cfg.language_min_prob)
         self.counts = FileCounts()
+        self.notes: list[tuple[int, str]] = []  # (offset, `code: detail`) failure notes of records that still gave rows
         self.want_warc = cfg.input_format in ("auto", "warc")
         self.want_wat = cfg.input_format in ("auto", "wat")
         if cfg.input_format not in ("auto", "warc", "wat"):
@@ -399,18 +608,24 @@ class FileExtractor:
     def _warc_response(self, rec: RawRecord) -> None:
         parsed = split_http_response(rec.block)
         if parsed is None:
-            raise ValueError("malformed HTTP response header")
+            raise ExtractError("bad_http", "malformed HTTP response header")
         status, headers, start = parsed
         content_type = headers.get("content-type")
         if not (200 <= status < 300) or not _looks_like_html(content_type, rec.block[start:]):
             return
         if not rec.target_uri:
-            raise ValueError("HTML response without WARC-Target-URI")
+            raise ExtractError("no_target_uri", "HTML response without WARC-Target-URI")
         self.counts.n_html_pages += 1
-        body = decode_http_body(headers, rec.block[start:])
-        if len(body) > self.cfg.max_html_bytes:
-            body = body[: self.cfg.max_html_bytes]
-        text, _codec = decode_html(body, charset_from_content_type(content_type))
+        cfg = self.cfg
+        body, cut = decode_http_body(headers, rec.block[start:], cfg.max_html_bytes)
+        if cut or (not rec.complete and rec.content_length > len(rec.block)):
+            self.counts.drops[DROP_HTML_CUT] += 1  # the page's first max_html_bytes are used
+        too_deep = html_nesting(body, cfg.max_html_depth, cfg.max_html_parse_work)
+        if too_deep is not None:
+            raise ExtractError("too_deep", too_deep)
+        text, _codec, source = decode_html_sniffed(body, charset_from_content_type(content_type))
+        if source == "meta_on_utf8":
+            self.counts.drops[DROP_META_CHARSET_ON_UTF8] += 1
         page = extract_images(text)
         page_url = rec.target_uri.strip()
         base = resolve_base(page_url, page.base_href)
@@ -425,15 +640,19 @@ class FileExtractor:
         if b'"HTML-Metadata"' not in block or "json" not in (rec.content_type or "").lower():
             return
         self.counts.n_html_pages += 1
+        if not rec.complete or len(block) > self.cfg.max_wat_json_bytes:
+            raise ExtractError("too_large", f"WAT JSON of {rec.content_length} bytes, over "
+                                            f"max_wat_json_bytes={self.cfg.max_wat_json_bytes}")
         if b"IMG@" not in block:
             return
         page = parse_wat_page_fast(block)
         if page is None:
             page = parse_wat_page(block)
         page_url = _first(page.header_meta.get("WARC-Target-URI")) or rec.target_uri
-        if not page_url:
-            raise ValueError("WAT record without WARC-Target-URI")
-        base = resolve_base(page_url, _first(page.base_href))
+        if not page_url or page_url.__class__ is not str:
+            raise ExtractError("no_target_uri", "WAT record without WARC-Target-URI")
+        base = _first(page.base_href)
+        base = resolve_base(page_url, base if base.__class__ is str else None)
         # (a repeated `path` key: the last one counts, as in the whole-document parse)
         refs = [(link.get("url"), link.get("alt"), link.get("title"), "wat")
                 for link in page.img_links if link.get("path") == "IMG@/src"]
@@ -446,12 +665,21 @@ class FileExtractor:
         language id only for kept ones) and append the kept rows column by column. The hot loop
         of both paths: everything it needs is bound to locals."""
         counts = self.counts
-        when = parse_warc_date(date or rec.date)
-        fetch_time = None if when is None else int(when.timestamp() * 1_000_000)
+        fetch_time, bad_date = fetch_time_us(date or rec.date, self.cfg.min_fetch_year)
+        if bad_date is not None:
+            self.notes.append((rec.offset, f"bad_date: {bad_date}"))
+        if _bad_chars(page_url):  # the WARC header's URI: checked once, before any C code hashes it
+            page_url = clean_url(page_url)
+            if page_url is None:
+                raise ExtractError("bad_url", "WARC-Target-URI holds control characters or "
+                                              "lone surrogates")
+        if _bad_chars(base):
+            base = clean_url(base) or page_url
         (c_uid, c_url, c_text, c_title, c_page, c_lang, c_prob, c_group, c_file, c_fmt, c_off,
          c_src, c_crawl, c_time) = self.builder.columns
         rules = self.rules
         check_url, identify, hash64 = rules.check_url, self.lang.identify, mmh3.hash64
+        needs_cleaning, url_controls = _NEEDS_CLEANING, _URL_CONTROLS
         absolute_http, fast_http, extensions = ABSOLUTE_HTTP, rules.fast_http, rules.extensions
         any_extension, max_host, max_url = rules.any_extension, rules.max_hostname_length, rules.max_url_length
         min_len, max_len = self.cfg.min_text_length, self.cfg.max_text_length
@@ -472,6 +700,8 @@ class FileExtractor:
                 if not isinstance(alt, str):
                     drops[DROP_NO_ALT] += 1
                     continue
+            if needs_cleaning(alt):  # (one C call: non-ASCII, a control, or "&")
+                alt = clean_text(alt)
             text = " ".join(alt.split())
             if text:
                 n_with_alt += 1
@@ -482,6 +712,11 @@ class FileExtractor:
                 text = text[:max_len]
             # The common case inline: an absolute http(s) URL (what rules.check_url does first).
             ref = ref.strip()
+            if url_controls(ref):
+                ref = clean_url(ref)
+                if not ref:
+                    drops[DROP_INVALID_URL] += 1
+                    continue
             m = absolute_http(ref) if fast_http else None
             if m is not None:
                 host = m.group(1)
@@ -538,7 +773,7 @@ class FileExtractor:
 def normalise_title(title: Any) -> Optional[str]:
     if not isinstance(title, str):
         return None
-    text = " ".join(title.split())
+    text = " ".join(clean_text(title).split())
     return text or None
 
 
@@ -561,7 +796,7 @@ def extract_file_batches(path: str, cfg: ExtractConfig) -> Iterator[pa.RecordBat
     try:
         stream = open_input(path)
     except Exception as exc:  # noqa: BLE001
-        builder.add(extractor.failure_row(-1, f"cannot open: {type(exc).__name__}: {exc}"))
+        builder.add(extractor.failure_row(-1, f"cannot_open: {type(exc).__name__}: {exc}"))
         builder.add(extractor.file_row(time.perf_counter() - started))
         yield from builder.flush()
         return
@@ -572,13 +807,16 @@ def extract_file_batches(path: str, cfg: ExtractConfig) -> Iterator[pa.RecordBat
             stream.seek(0)
         except Exception:  # noqa: BLE001 - size unknown for some streams
             counts.n_bytes = -1
-        max_bytes = max(cfg.max_html_bytes, 64 << 20) if extractor.want_wat else cfg.max_html_bytes
+        # (a WAT record over max_wat_json_bytes is read no further than that: `too_large`)
+        max_bytes = max(cfg.max_html_bytes, cfg.max_wat_json_bytes + 1) if extractor.want_wat \
+            else cfg.max_html_bytes
         batch_rows = cfg.batch_rows
         process = extractor.process
         first_column = builder.columns[0]
         n_records = 0
+        notes = extractor.notes
         for item in iter_records(stream, reader=cfg.warc_reader, wants_body=extractor.wants_body,
-                                 max_bytes=max_bytes):
+                                 max_bytes=max_bytes, verify_digests=cfg.verify_digests):
             if item.__class__ is ReadFailure:
                 builder.add(extractor.failure_row(item.offset, item.error))
             else:
@@ -589,7 +827,12 @@ def extract_file_batches(path: str, cfg: ExtractConfig) -> Iterator[pa.RecordBat
                 except Exception as exc:  # noqa: BLE001 - a bad record never stops the file
                     for col in builder.columns:  # drop a half-added record's rows
                         del col[mark:]
-                    builder.add(extractor.failure_row(item.offset, f"{type(exc).__name__}: {exc}"))
+                    notes.clear()
+                    builder.add(extractor.failure_row(item.offset, error_text(exc)))
+                if notes:
+                    for offset, note in notes:
+                        builder.add(extractor.failure_row(offset, note))
+                    notes.clear()
             if len(first_column) + len(builder.other_rows) >= batch_rows:
                 counts.n_records = n_records
                 yield from builder.flush()

@@ -7,9 +7,11 @@ turns every non-ASCII alt text into U+FFFD, and those are exactly the `multi` ca
 from __future__ import annotations
 
 import codecs
+import math
 import re
 from dataclasses import dataclass
 from typing import Optional
+from urllib.parse import urlsplit
 
 # The first bytes of a page where <meta charset> must appear (HTML spec: 1024; real pages are sloppier).
 _META_SNIFF_BYTES = 4096
@@ -60,24 +62,120 @@ def charset_from_content_type(content_type: Optional[str]) -> Optional[str]:
 def decode_html(body: bytes, header_charset: Optional[str] = None) -> tuple[str, str]:
     """Decode a page the way a browser would: BOM, then the HTTP header's charset, then <meta>,
     then UTF-8 if it decodes cleanly, else windows-1252. Never raises; returns (text, codec)."""
+    text, codec, _source = decode_html_sniffed(body, header_charset)
+    return text, codec
+
+
+def decode_html_sniffed(body: bytes, header_charset: Optional[str] = None) -> tuple[str, str, str]:
+    """(text, codec, where the codec came from: bom | header | meta | meta_on_utf8 | utf8 | fallback).
+
+    When only `<meta>` names a legacy charset and the bytes are valid (non-ASCII) UTF-8, the
+    meta charset is used, as the WHATWG sniffing algorithm (and so every browser) does: the
+    alt text then holds mojibake that `ftfy.fix_text` repairs, as in LAION-5B. The source is
+    `meta_on_utf8`, so the extractor can count such pages."""
     if body.startswith(codecs.BOM_UTF8):
-        return body[3:].decode("utf-8", errors="replace"), "utf-8"
+        return body[3:].decode("utf-8", errors="replace"), "utf-8", "bom"
     if body.startswith(codecs.BOM_UTF16_LE) or body.startswith(codecs.BOM_UTF16_BE):
-        return body.decode("utf-16", errors="replace"), "utf-16"
+        return body.decode("utf-16", errors="replace"), "utf-16", "bom"
     codec = normalise_charset(header_charset)
+    source = "header"
     if codec is None:
         m = _META_CHARSET_RE.search(body, 0, _META_SNIFF_BYTES)
         if m:
             codec = normalise_charset(m.group(1).decode("ascii", errors="ignore"))
+            source = "meta"
     if codec is not None:
         try:
-            return body.decode(codec, errors="replace"), codec
+            text = body.decode(codec, errors="replace")
         except Exception:  # a codec that cannot run on this input (should not happen with 'replace')
-            pass
+            text = None
+        if text is not None:
+            if source == "meta" and codec != "utf-8" and not body.isascii():
+                try:
+                    body.decode("utf-8")
+                    source = "meta_on_utf8"
+                except UnicodeDecodeError:
+                    pass
+            return text, codec, source
     try:
-        return body.decode("utf-8"), "utf-8"
+        return body.decode("utf-8"), "utf-8", "utf8"
     except UnicodeDecodeError:
-        return body.decode("cp1252", errors="replace"), "cp1252"
+        return body.decode("cp1252", errors="replace"), "cp1252", "fallback"
+
+
+# ------------------------------------------------------------------------------- nesting limit
+# Elements that never hold others (no end tag), and raw-text elements whose content is not markup.
+_VOID = frozenset(b"area base br col embed hr img input keygen link meta param source track wbr "
+                  b"basefont bgsound frame image".split())
+_RAW_TEXT = re.compile(rb"(?is)<(script|style|textarea|title|xmp|iframe|noembed|noframes)\b.*?"
+                       rb"(?:</\1|\Z)|<!--.*?(?:-->|\Z)|<plaintext\b.*")
+_TAG_NAME = re.compile(rb"<(/?[a-zA-Z][^\s/>]*)")
+_VOID_START = re.compile(rb"<(?:" + b"|".join(sorted(_VOID)) + rb")[\s/>]")
+
+
+def html_nesting(body: bytes, max_depth: int, max_work: int) -> Optional[str]:
+    """Why lexbor must not parse this page (`depth N at byte B` / `work W`), or None.
+
+    lexbor's tree building walks the stack of open elements on many start tags, so its time
+    grows with depth × tags (measured: 128k nested `<div>` take 70 s; 4,000 deep then 100k
+    `<div></div>`: 4 s). This bounds both from above, cheaply: a page with n `<` has depth < n
+    and work < n²/2, so pages under √(2 × max_work) `<` (all 181 real article pages) cost one
+    byte count. Others are scanned: script/style/comment text removed, then every start tag of a
+    non-void element opens a level, and an end tag closes one only if an element of its name is
+    open (stray end tags are ignored by parsers and here; implied ends are not modelled, so the
+    estimate is high, never low)."""
+    # A start tag takes 3 bytes at least (`<a>`; `<a<b>` is one tag named `a<b`), so a page of
+    # L bytes has at most L/3 + 1 of them: most pages need not even be counted.
+    most = min(max_depth, math.isqrt(2 * max_work))
+    if len(body) // 3 + 1 <= most:
+        return None
+    n = body.count(b"<")
+    if n <= most:  # n start tags at most
+        return None
+    # Fewer start tags of non-void elements than that: every `<` that is not `</`, `<!` or an
+    # exact void start tag (`<img`, `<br`… then a space, `/` or `>`; not `<imgx`).
+    low = body.lower()
+    n = n - low.count(b"</") - low.count(b"<!") - len(_VOID_START.findall(low))
+    if n <= most:
+        return None
+    import numpy as np
+
+    tokens = _TAG_NAME.findall(_RAW_TEXT.sub(b"", low))
+    if not tokens:
+        return None
+    names, inverse = np.unique(np.array(tokens, dtype=object).astype(bytes), return_inverse=True)
+    # per distinct token: its element (an end tag `/x` maps to `x`) and its step
+    base = [n[1:] if n[:1] == b"/" else n for n in names.tolist()]
+    elements = {name: i for i, name in enumerate(dict.fromkeys(base))}
+    token_element = np.array([elements[n] for n in base], dtype=np.int64)[inverse]
+    token_step = np.array([-1 if n[:1] == b"/" else (0 if n in _VOID else 1) for n in names.tolist()],
+                          dtype=np.int64)[inverse]
+    # Each element name's open count is a walk floored at 0 (a stray end tag does nothing):
+    # floored = S - min(0, running min of S), S its prefix sum, computed per name in one pass
+    # by sorting the tags by name (stable) and offsetting each name's sums below the last.
+    order = np.argsort(token_element, kind="stable")
+    group = token_element[order]
+    steps = token_step[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(group)) + 1]
+    sums = np.cumsum(steps)
+    before = np.repeat(np.r_[0, sums[starts[1:] - 1]], np.diff(np.r_[starts, len(steps)]))
+    walk = sums - before
+    big = 4 * len(steps) + 4
+    rank = np.repeat(np.arange(len(starts)), np.diff(np.r_[starts, len(steps)]))
+    running_min = np.minimum.accumulate(walk - rank * big) + rank * big
+    floored = walk - np.minimum(running_min, 0)
+    change = np.diff(np.r_[0, floored])
+    change[starts] = floored[starts]
+    depth = np.empty_like(change)
+    depth[order] = change
+    depth = np.cumsum(depth)  # the estimated open-element depth after each tag, in page order
+    max_depth_seen = int(depth.max())
+    if max_depth_seen > max_depth:
+        return f"nesting depth over {max_depth} (estimated {max_depth_seen})"
+    work = int(depth[token_step > 0].sum())
+    if work > max_work:
+        return f"tree-building work over {max_work} (estimated {work})"
+    return None
 
 
 @dataclass
@@ -109,6 +207,11 @@ def largest_srcset_candidate(srcset: str) -> Optional[str]:
 
     Follows the HTML spec's splitting: a URL runs to whitespace, a comma ends a candidate, so
     commas inside URLs (`/img,q_80/a.jpg 2x`) survive."""
+    return _largest_srcset(srcset)[0]
+
+
+def _largest_srcset(srcset: str) -> tuple[Optional[str], tuple[int, float]]:
+    """(URL, (is-width, size)) of the largest URL-like candidate of a srcset."""
     best_url, best_key = None, (-1, -1.0)
     i, n = 0, len(srcset)
     while i < n:
@@ -136,7 +239,7 @@ def largest_srcset_candidate(srcset: str) -> Optional[str]:
                     break
                 i += 1
             descriptor = srcset[start:i].strip()
-        if not url:
+        if not url or not url_like(url):
             continue
         key = (0, 1.0)
         for token in descriptor.split():
@@ -149,15 +252,40 @@ def largest_srcset_candidate(srcset: str) -> Optional[str]:
                 continue
         if key > best_key:
             best_url, best_key = url, key
-    return best_url
+    return best_url, best_key
+
+
+# Characters a URL reference in an attribute never holds unescaped (the value is then JSON, a
+# template or markup that a lazy loader's script reads, not a URL).
+_NOT_IN_URL = re.compile(r'[\s"<>{}`\\^|]')
+
+
+def url_like(value: str) -> bool:
+    """Whether an attribute value parses as one URL reference: no whitespace inside, none of
+    `"<>{}\\^|` and a backtick, and not rejected by urlsplit (`{"default":"//img…"}` in a
+    `data-src` is JSON, not a URL)."""
+    if not value or _NOT_IN_URL.search(value):
+        return False
+    try:
+        urlsplit(value)
+    except ValueError:
+        return False
+    return True
 
 
 def choose_image_ref(attrs: dict) -> Optional[tuple[str, str]]:
-    """(reference, attribute name) of an `<img>`'s image: data-src-like, else src, else srcset."""
+    """(reference, attribute name) of an `<img>`'s image: data-src-like, else src, else srcset.
+    A lazy-load attribute counts only when it parses as a URL (or as a srcset, whose largest
+    candidate is taken): lazy loaders also keep JSON and templates there."""
     for name in LAZY_ATTRIBUTES:
         value = attrs.get(name)
         if value and value.strip():
-            return value, name
+            value = value.strip()
+            if url_like(value):
+                return value, name
+            url = largest_srcset_candidate(value) if "," in value or " " in value else None
+            if url:
+                return url, name
     value = attrs.get("src")
     if value and value.strip():
         return value, "src"
@@ -183,13 +311,45 @@ def extract_images(html_text: str) -> PageImages:
             base_href = href
             break
     images = []
+    has_picture = tree.css_first("picture") is not None
     for node in tree.css("img"):
         attrs = node.attributes
-        chosen = choose_image_ref(attrs)
+        chosen = None
+        if has_picture:
+            parent = node.parent
+            if parent is not None and parent.tag == "picture":
+                chosen = picture_choice(
+                    [c.attributes for c in parent.iter() if c.tag == "source"], attrs)
+        if chosen is None:
+            chosen = choose_image_ref(attrs)
         if chosen is None:
             continue
         images.append(ImageRef(chosen[0], chosen[1], _attr(attrs, "alt"), _attr(attrs, "title")))
     return PageImages(base_href, images)
+
+
+def picture_choice(sources: list[dict], img_attrs: dict) -> Optional[tuple[str, str]]:
+    """(URL, "picture") for an `<img>` inside `<picture>` when one of its `<source>` srcsets
+    has a candidate larger than the img's own choice (its largest srcset candidate, or its src
+    as 1x): the picture shows the larger image, as the browser of LAION's crawler would. On a
+    tie the img's own choice stays (every browser can show it); None then."""
+    best_url, best_key = None, (-1, -1.0)
+    for attrs in sources:
+        for name in _SRCSET_ATTRIBUTES:
+            value = attrs.get(name)
+            if value and value.strip():
+                url, key = _largest_srcset(value)
+                if url is not None and key > best_key:
+                    best_url, best_key = url, key
+    if best_url is None:
+        return None
+    own = choose_image_ref(img_attrs)
+    own_key = (0, 1.0)
+    if own is not None and own[1] in _SRCSET_ATTRIBUTES:
+        own_key = _largest_srcset(img_attrs[own[1]])[1]
+    if best_key > own_key:
+        return best_url, "picture"
+    return None
 
 
 def _attr(attrs: dict, name: str) -> Optional[str]:
@@ -211,7 +371,7 @@ def extract_images_reference(html_text: str) -> PageImages:
         warnings.simplefilter("ignore", XMLParsedAsHTMLWarning)
         # lxml's HTML parser decides what is a comment or a script; the strainer only keeps
         # the <img>/<base> elements it reports, which makes the reference ~3x faster.
-        soup = BeautifulSoup(html_text, "lxml", parse_only=SoupStrainer(["img", "base"]))
+        soup = BeautifulSoup(html_text, "lxml", parse_only=SoupStrainer(["img", "base", "picture", "source"]))
     base_href = None
     for node in soup.find_all("base"):
         if node.get("href") is not None:
@@ -220,7 +380,16 @@ def extract_images_reference(html_text: str) -> PageImages:
     images = []
     for node in soup.find_all("img"):
         attrs = {k.lower(): (" ".join(v) if isinstance(v, list) else v) for k, v in node.attrs.items()}
-        chosen = choose_image_ref(attrs)
+        chosen = None
+        parent = node.parent
+        while parent is not None and parent.name == "source":  # lxml's HTML4 parser nests in <source>
+            parent = parent.parent
+        if parent is not None and parent.name == "picture":
+            chosen = picture_choice([{k.lower(): (" ".join(v) if isinstance(v, list) else v)
+                                      for k, v in c.attrs.items()}
+                                     for c in parent.find_all("source")], attrs)
+        if chosen is None:
+            chosen = choose_image_ref(attrs)
         if chosen is None:
             continue
         images.append(ImageRef(chosen[0], chosen[1], attrs.get("alt"), attrs.get("title")))

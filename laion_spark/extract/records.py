@@ -8,7 +8,10 @@ in memory: records come off a seekable stream (local file or fsspec remote file)
 """
 from __future__ import annotations
 
+import base64
+import hashlib
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Callable, Iterator, Optional, Union
 
@@ -29,11 +32,11 @@ class RawRecord:
     much as the rest of the record's bookkeeping."""
 
     __slots__ = ("offset", "warc_type", "content_length", "block", "complete", "truncated",
-                 "_target_uri", "_date", "_content_type", "_headers")
+                 "_target_uri", "_date", "_content_type", "_headers", "_digest")
 
     def __init__(self, offset: int, warc_type: str, target_uri: Optional[str], date: Optional[str],
                  content_type: Optional[str], content_length: int, block: bytes, complete: bool,
-                 truncated: bool, headers: Any = None):
+                 truncated: bool, headers: Any = None, digest: Optional[str] = None):
         self.offset = offset
         self.warc_type = warc_type
         self.content_length = content_length
@@ -44,6 +47,7 @@ class RawRecord:
         self._date = date
         self._content_type = content_type
         self._headers = headers  # FastWARC header map: the three fields above come from it lazily
+        self._digest = digest
 
     @property
     def target_uri(self) -> Optional[str]:
@@ -63,20 +67,60 @@ class RawRecord:
             self._resolve_headers()
         return self._content_type
 
+    @property
+    def block_digest(self) -> Optional[str]:
+        if self._headers is not None:
+            self._resolve_headers()
+        return self._digest
+
     def _resolve_headers(self) -> None:
         headers, self._headers = self._headers, None
         self._target_uri = _clean_uri(headers.get("WARC-Target-URI"))
         self._date = headers.get("WARC-Date")
         self._content_type = headers.get("Content-Type")
+        self._digest = headers.get("WARC-Block-Digest")
 
     def __repr__(self) -> str:
         return (f"RawRecord(offset={self.offset}, warc_type={self.warc_type!r}, "
                 f"target_uri={self.target_uri!r}, content_length={self.content_length})")
 
 
+class ExtractError(ValueError):
+    """A record that cannot give rows, with a stable snake_case code: the failure row's error is
+    `code: detail`, so failures can be counted by code across crawls.
+
+    Codes: too_large, too_deep, timeout, truncated, bad_gzip, bad_warc_header, digest_mismatch,
+    bad_http, bad_json, no_target_uri, bad_date, cannot_open, internal_error."""
+
+    def __init__(self, code: str, detail: str = ""):
+        super().__init__(f"{code}: {detail}" if detail else code)
+        self.code = code
+        self.detail = detail
+
+
+def error_text(exc: BaseException) -> str:
+    """`code: detail` of any exception: ExtractError keeps its code, a reader's own exception
+    maps to a code by type, anything else is `internal_error` (a bug of ours, with its type)."""
+    if isinstance(exc, ExtractError):
+        return str(exc)
+    name = type(exc).__name__
+    text = f"{name}: {exc}"
+    low = text.lower()
+    if isinstance(exc, MemoryError):
+        return f"too_large: {text}"
+    if isinstance(exc, RecursionError):
+        return f"too_deep: {text}"
+    if "gzip" in low or "zlib" in low or "decompress" in low or name in ("BadGzipFile", "EOFError"):
+        return f"bad_gzip: {text}"
+    if "warc" in low or "header" in low or name == "ArchiveLoadFailed":
+        return f"bad_warc_header: {text}"
+    return f"internal_error: {text}"
+
+
 @dataclass
 class ReadFailure:
-    """A spot of the file that could not be read (corrupt gzip, truncation, malformed header)."""
+    """A spot of the file that could not be read (corrupt gzip, truncation, malformed header);
+    `error` is `code: detail` (ExtractError's codes)."""
 
     offset: int
     error: str
@@ -94,6 +138,26 @@ def _clean_uri(uri: Optional[str]) -> Optional[str]:
     if uri.startswith("<") and uri.endswith(">"):
         uri = uri[1:-1].strip()
     return uri
+
+
+# A record header inside a block: the block swallowed the next record (a Content-Length too large).
+_SWALLOWED = b"\r\nWARC/1."
+
+
+def block_digest_ok(rec: RawRecord, digest: Optional[str]) -> bool:
+    """Whether a complete block matches its `WARC-Block-Digest` (sha1, base32 or hex); True when
+    there is none or its algorithm is not sha1/md5/sha256 (nothing to check against)."""
+    if not digest or not rec.complete:
+        return True
+    algo, _, value = digest.strip().partition(":")
+    algo = algo.strip().lower().replace("-", "")
+    if algo not in ("sha1", "md5", "sha256") or not value:
+        return True
+    raw = hashlib.new(algo, rec.block).digest()
+    value = value.strip()
+    if len(value) == 2 * len(raw):
+        return value.lower() == raw.hex()
+    return value.upper().rstrip("=") == base64.b32encode(raw).decode("ascii").rstrip("=")
 
 
 def _find_next(stream: BinaryIO, start: int, magic: bytes) -> Optional[int]:
@@ -164,6 +228,16 @@ def _read_block(read: Callable[[int], bytes], record: RawRecord, wants_body: Wan
         record.complete = got >= record.content_length
 
 
+def _content_length(text: str) -> int:
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise ExtractError("bad_warc_header", f"Content-Length {text[:40]!r}") from None
+    if value < 0:
+        raise ExtractError("bad_warc_header", f"Content-Length {value}")
+    return value
+
+
 def _fastwarc_record_names() -> dict[int, str]:
     from fastwarc.warc import WarcRecordType
 
@@ -172,21 +246,54 @@ def _fastwarc_record_names() -> dict[int, str]:
         "continuation")}
 
 
-def _fastwarc_records(stream: BinaryIO, wants_body: WantsBody, max_bytes: int) -> Iterator[RawRecord]:
+# A skip larger than this between the end of one record and the start of the next is reported.
+# (Hand-written WARCs have Content-Lengths off by a few bytes, which readers tolerate; any
+# whole record header is longer.)
+GAP_TOLERANCE = 32
+
+
+_WARC_TYPE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,63}").fullmatch
+
+
+def _fastwarc_records(stream: BinaryIO, wants_body: WantsBody, max_bytes: int,
+                      state: Optional[dict] = None) -> Iterator[Union[RawRecord, ReadFailure]]:
     from fastwarc.warc import ArchiveIterator
 
     # The record type, length and offset are C properties (no header-map look-up); FastWARC
     # reads whole blocks, so its reader needs no short-read loop.
     type_names = _fastwarc_record_names()
+    last = None
     for rec in ArchiveIterator(stream, parse_http=False):
         headers = rec.headers
         length = rec.content_length
         wtype = type_names.get(int(rec.record_type))
         if wtype is None:  # a type FastWARC does not know, or none at all
             wtype = headers.get("WARC-Type")
+            if wtype is not None and not _WARC_TYPE(wtype):
+                # an LF-only header reads as one WARC-Type line; a damaged one holds junk
+                raise ExtractError("bad_warc_header", f"unreadable WARC-Type {wtype[:40]!r} at "
+                                                      f"{rec.stream_pos}")
         if wtype is None or (length == 0 and headers.get("Content-Length") is None):
-            raise ValueError(f"malformed or truncated WARC header at {rec.stream_pos}: "
-                             f"{dict(headers.to_dict())!r:.200}")
+            raise ExtractError("bad_warc_header", f"malformed or truncated WARC header at "
+                               f"{rec.stream_pos}: {dict(headers.to_dict())!r:.200}")
+        if state is not None and length > state["max_length"]:
+            raise ExtractError("truncated", f"Content-Length {length} at {rec.stream_pos} runs "
+                                            f"past the end of the file")
+        if state is not None:
+            # FastWARC skips what it cannot use (the rest of a block after a Content-Length too
+            # small, junk between records) without a word: in an uncompressed file the next
+            # record must start where the last one ended. `state["next"]` is that position,
+            # where the caller reports a record the reader stopped at.
+            pos = rec.stream_pos
+            expected = state.get("next")
+            if expected is not None and last is not None and pos - expected > GAP_TOLERANCE:
+                yield ReadFailure(last, f"bad_warc_header: {pos - expected} bytes after the block "
+                                        f"of the record at {last} skipped (Content-Length too "
+                                        f"small?) before the record at {pos}")
+            last = pos
+            if state["plain"]:
+                state["next"] = (pos + len(headers.status_line) + 4 + length + 4
+                                 + sum(len(k) + len(v) + 4 for k, v in headers.astuples()))
         if length <= HEAD_BYTES:  # most records: one read, no wants_body call
             block = rec.reader.read(length) if length else b""
             short = len(block) < length
@@ -196,9 +303,15 @@ def _fastwarc_records(stream: BinaryIO, wants_body: WantsBody, max_bytes: int) -
         raw = RawRecord(rec.stream_pos, wtype, None, None, None, length, b"", False, False, headers)
         _read_block(rec.reader.read, raw, wants_body, max_bytes, exact=False)
         yield raw
+    if state is not None and state["plain"] and state.get("next") is not None:
+        end = stream.seek(0, 2)
+        if end - state["next"] > GAP_TOLERANCE:
+            yield ReadFailure(state["next"], f"bad_warc_header: {end - state['next']} bytes the "
+                                             f"reader skipped at the end of the file")
 
 
-def _warcio_records(stream: BinaryIO, wants_body: WantsBody, max_bytes: int) -> Iterator[RawRecord]:
+def _warcio_records(stream: BinaryIO, wants_body: WantsBody, max_bytes: int,
+                    state: Optional[dict] = None) -> Iterator[RawRecord]:
     from warcio.archiveiterator import ArchiveIterator
 
     start = stream.tell()
@@ -206,14 +319,20 @@ def _warcio_records(stream: BinaryIO, wants_body: WantsBody, max_bytes: int) -> 
     for rec in it:
         h = rec.rec_headers
         length_text = h.get_header("Content-Length")
+        if length_text is not None and state is not None and \
+                _content_length(length_text) > state["max_length"]:
+            raise ExtractError("truncated", f"Content-Length {length_text.strip()[:20]} runs past "
+                                            f"the end of the file")
         wtype = rec.rec_type
+        if wtype is not None and not _WARC_TYPE(wtype):
+            raise ExtractError("bad_warc_header", f"unreadable WARC-Type {wtype[:40]!r}")
         if length_text is None or wtype is None:
-            raise ValueError("malformed or truncated WARC header")
+            raise ExtractError("bad_warc_header", "malformed or truncated WARC header")
         raw = RawRecord(
             offset=-1, warc_type=wtype,
             target_uri=_clean_uri(h.get_header("WARC-Target-URI")), date=h.get_header("WARC-Date"),
-            content_type=h.get_header("Content-Type"), content_length=int(length_text),
-            block=b"", complete=False, truncated=False,
+            content_type=h.get_header("Content-Type"), content_length=_content_length(length_text),
+            block=b"", complete=False, truncated=False, digest=h.get_header("WARC-Block-Digest"),
         )
         _read_block(rec.raw_stream.read, raw, wants_body, max_bytes)
         # (asking warcio for the offset before the block is read empties the record's stream)
@@ -223,41 +342,93 @@ def _warcio_records(stream: BinaryIO, wants_body: WantsBody, max_bytes: int) -> 
 
 def iter_records(stream: BinaryIO, *, reader: str = "fastwarc",
                  wants_body: WantsBody = lambda r: True,
-                 max_bytes: int = 50_000_000) -> Iterator[Union[RawRecord, ReadFailure]]:
-    """Every readable record of a WARC/WAT stream, with a ReadFailure for each unreadable spot."""
+                 max_bytes: int = 50_000_000,
+                 verify_digests: bool = False) -> Iterator[Union[RawRecord, ReadFailure]]:
+    """Every readable record of a WARC/WAT stream, with a ReadFailure for each unreadable spot.
+
+    A complete block that holds a WARC record header after a line break (`\r\nWARC/1.`: its
+    Content-Length was too large and it swallowed the records after it) is checked against its
+    WARC-Block-Digest; on a mismatch (or on any mismatch with `verify_digests`) it becomes a
+    `digest_mismatch` failure and reading resumes at the next record boundary after its start, so
+    the swallowed records are read. (Hashing every block costs ~25 % of the WARC path on a
+    loaded core, so by default only suspect blocks are hashed.)"""
     if reader not in ("fastwarc", "warcio"):
         raise ValueError(f"extract.warc_reader must be fastwarc or warcio, got {reader!r}")
     read_records = _fastwarc_records if reader == "fastwarc" else _warcio_records
+    size = stream.seek(0, 2)
     stream.seek(0)
     first = stream.read(3)
     magic = GZIP_MAGIC if first == GZIP_MAGIC else WARC_MAGIC
+    if magic is WARC_MAGIC and first != WARC_MAGIC[:3]:
+        # leading junk: the first gzip member, else the first record header, whichever is first
+        gz, warc = _find_next(stream, 0, GZIP_MAGIC), _find_next(stream, 0, WARC_MAGIC)
+        if gz is not None and (warc is None or gz < warc):
+            magic = GZIP_MAGIC
     pos = 0
     while True:
         stream.seek(pos)
         last_start: Optional[int] = None
+        error: Optional[str] = None
+        # A Content-Length over what the file can hold (its size; 1000× it gzipped) is a lie
+        # that would swallow every later record; and where the next record should start
+        # (uncompressed files, FastWARC): see _fastwarc_records.
+        plain = magic is WARC_MAGIC
+        state: Optional[dict] = {"plain": plain and reader == "fastwarc",
+                                 "max_length": size if plain else 1000 * size + (1 << 20)}
         try:
-            for raw in read_records(stream, wants_body, max_bytes):
+            for raw in read_records(stream, wants_body, max_bytes, state):
+                if raw.__class__ is ReadFailure:
+                    yield raw
+                    continue
                 last_start = raw.offset
                 if raw.truncated:
-                    yield ReadFailure(raw.offset, f"truncated record: Content-Length "
-                                                  f"{raw.content_length}, stream ended first")
-                    continue
+                    # (a Content-Length too large swallows every later record: look for them)
+                    error = (f"truncated: Content-Length {raw.content_length}, stream ended "
+                             f"first")
+                    break
+                if verify_digests or _SWALLOWED in raw.block:
+                    digest = raw.block_digest
+                    if (digest is None or not raw.complete) and not verify_digests:
+                        # nothing to check against: a record header after a line break in a
+                        # block is taken as a Content-Length too large
+                        error = (f"bad_warc_header: the {raw.warc_type} block holds a record "
+                                 f"header at +{raw.block.find(_SWALLOWED) + 2} (Content-Length "
+                                 f"{raw.content_length} too large?)")
+                        break
+                    if not block_digest_ok(raw, digest):
+                        error = (f"digest_mismatch: {raw.warc_type} record, Content-Length "
+                                 f"{raw.content_length}, WARC-Block-Digest {digest}")
+                        break
                 yield raw
-            return
+            if error is None:
+                return
         except GeneratorExit:
             raise
         except Exception as exc:  # noqa: BLE001 - any reader error becomes a failure row
-            error = f"{type(exc).__name__}: {exc}"[:500]
+            error = error_text(exc)[:500]
         if last_start is None:
             # Nothing readable from `pos`: the bad spot is here.
             yield ReadFailure(pos, error)
             search_from = pos + 1
         else:
-            search_from = last_start + 1
+            resync = error.startswith(("digest_mismatch", "truncated", "bad_warc_header: the "))
+            expected = state.get("next")
+            if resync:
+                yield ReadFailure(last_start, error)
+                search_from = last_start + 1
+            elif expected is not None and expected > last_start:
+                # The reader stopped at the record after the last good one: report it there
+                # (its `WARC/1.` may be intact, so look for the next boundary past it).
+                yield ReadFailure(expected, error)
+                resync = True
+                search_from = expected + 1
+            else:
+                search_from = last_start + 1
         nxt = _find_next(stream, search_from, magic)
         if nxt is None:
-            if last_start is not None:
+            if last_start is not None and not resync:
                 # The bad spot is past the last good record and no record starts after it.
-                yield ReadFailure(last_start, f"after the record at {last_start}: {error}")
+                yield ReadFailure(last_start, f"{error.split(':', 1)[0]}: after the record at "
+                                              f"{last_start}: {error}")
             return
         pos = nxt

@@ -3,7 +3,10 @@
 them in a module-level cache keyed by the bundle's digest.
 
 Why bytes and not paths: executors may not see the driver's disk (or the Hub); a broadcast
-travels with the job. Why a process cache: Spark reuses its Python workers across tasks
+travels with the job. Above `score.broadcast_max_bytes` (ViT-L/14 and ViT-H/14 are GBs: the driver
+would hold them and push them to every executor) a model given as a path (a folder every executor
+sees, or an fsspec URL such as s3://) is loaded by each executor process from that path instead,
+through a per-host cache folder (`score.model_cache_dir`) so a host downloads it once. Why a process cache: Spark reuses its Python workers across tasks
 (`spark.python.worker.reuse`), so a model built for one partition serves every later one; the
 load counter (`LOADS`, and optional per-process lines in `load_log_dir`) lets tests prove it.
 """
@@ -40,6 +43,12 @@ class ModelBundle:
     text_model_files: Optional[dict[str, bytes]] = None
     heads: dict[str, bytes] = field(default_factory=dict)
     key: str = ""
+    # Path-loaded models (no bytes here): "clip"/"text" -> folder or fsspec URL, plus the files'
+    # (name, size, mtime) so the key changes when the weights do.
+    paths: dict[str, str] = field(default_factory=dict)
+    path_files: dict[str, list] = field(default_factory=dict)
+    storage_options: dict[str, str] = field(default_factory=dict)
+    cache_dir: str = ""  # executors' local copy of path-loaded models (default: the temp dir)
 
     def __post_init__(self) -> None:
         if not self.key:
@@ -48,7 +57,14 @@ class ModelBundle:
                 for name in sorted(group):
                     h.update(name.encode())
                     h.update(hashlib.sha256(group[name]).digest())
+            for kind in sorted(self.paths):
+                h.update(f"{kind}={self.paths[kind]}:{self.path_files.get(kind)}".encode())
             self.key = h.hexdigest()[:16]
+
+    @property
+    def source(self) -> str:
+        """How executors get the weights: `path` (each loads from the path) or `broadcast`."""
+        return "path" if self.paths else "broadcast"
 
     @property
     def n_bytes(self) -> int:
@@ -95,9 +111,56 @@ def _model_files(name_or_path: str, kind: str) -> dict[str, bytes]:
     return _snapshot(name_or_path, kind)
 
 
-def bundle_from_config(score_cfg) -> ModelBundle:
-    """Driver side: read every model and head file the config names, once."""
+def _is_path(name: str) -> bool:
+    return os.path.isdir(name) or "://" in name
+
+
+def _listing(path: str, storage_options: dict) -> list[tuple[str, int, str]]:
+    """(name, size, version) of a model folder's top-level model files, local or fsspec."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(path, **storage_options)
+    out = []
+    for info in fs.ls(root, detail=True):
+        name = os.path.basename(info["name"].rstrip("/"))
+        if info.get("type") == "file" and name.endswith(_MODEL_FILE_SUFFIXES):
+            stamp = info.get("mtime", info.get("LastModified", info.get("ETag", "")))
+            out.append((name, int(info.get("size") or 0), str(stamp)))
+    if not any(n == "config.json" for n, _, _ in out):
+        raise FileNotFoundError(f"{path}: no config.json, not a save_pretrained model folder")
+    return sorted(out)
+
+
+def _path_bundle(score_cfg, storage_options: dict) -> Optional[ModelBundle]:
+    """A bundle of paths when the models are paths and together above `broadcast_max_bytes`."""
+    models = {"clip": score_cfg.clip_model}
+    if score_cfg.multilingual_text_model:
+        models["text"] = score_cfg.multilingual_text_model
+    if not all(_is_path(p) for p in models.values()):
+        return None  # a Hub name is snapshotted on the driver: bytes it is
+    listings = {k: _listing(p, storage_options) for k, p in models.items()}
+    total = sum(size for files in listings.values() for _, size, _ in files)
+    if total <= score_cfg.broadcast_max_bytes:
+        return None
+    heads = {}
+    for head in ("nsfw_head", "watermark_head", "toxic_head"):
+        if getattr(score_cfg, head):
+            with open(getattr(score_cfg, head), "rb") as f:
+                heads[head] = f.read()
+    log.info("score: models %s (%.1f MB) above broadcast_max_bytes: each executor loads them from "
+             "their path", models, total / 1e6)
+    return ModelBundle(score_cfg.clip_model, {}, score_cfg.multilingual_text_model, None, heads,
+                       paths=models, path_files=listings, storage_options=dict(storage_options),
+                       cache_dir=score_cfg.model_cache_dir or "")
+
+
+def bundle_from_config(score_cfg, storage_options: Optional[dict] = None) -> ModelBundle:
+    """Driver side: read every model and head file the config names, once (or, above
+    `score.broadcast_max_bytes`, only list them: executors load from the paths)."""
     started = time.time()
+    by_path = _path_bundle(score_cfg, dict(storage_options or {}))
+    if by_path is not None:
+        return by_path
     clip_files = _model_files(score_cfg.clip_model, "clip")
     text_files = None
     if score_cfg.multilingual_text_model:
@@ -153,17 +216,21 @@ class LoadedModels:
         self.device, self.dtype = device, dtype
         self.clip_name = bundle.clip_name
         self.text_model_name = bundle.text_model_name
-        clip_dir = _materialise(bundle.clip_files, os.path.join(workdir, "clip"))
+        clip_dir = _model_dir(bundle, "clip", bundle.clip_files, workdir)
         self.clip = CLIPModel.from_pretrained(clip_dir, dtype=dtype).to(device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(clip_dir)
         self.max_text_tokens = int(self.clip.config.text_config.max_position_embeddings)
         self.spec = PreprocessSpec.from_pretrained_dir(clip_dir, int(self.clip.config.vision_config.image_size))
         self.dim = int(self.clip.config.projection_dim)
         self.mclip = None
+        mdir = None
         if bundle.text_model_files:
+            mdir = _materialise(bundle.text_model_files, os.path.join(workdir, "text"))
+        elif "text" in bundle.paths:
+            mdir = _model_dir(bundle, "text", None, workdir)
+        if mdir:
             from laion_spark.score.mclip import MultilingualCLIP
 
-            mdir = _materialise(bundle.text_model_files, os.path.join(workdir, "text"))
             self.mclip = MultilingualCLIP.from_pretrained(mdir, dtype=dtype).to(device).eval()
             self.mclip_tokenizer = AutoTokenizer.from_pretrained(mdir)
         self.safety: SafetyHeads = build_safety_heads(
@@ -191,6 +258,34 @@ class LoadedModels:
         enc = self.mclip_tokenizer(texts, padding=True, truncation=True, max_length=512, return_tensors="pt")
         out = self.mclip(enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device))
         return F.normalize(out.float(), dim=-1)
+
+
+def _model_dir(bundle: ModelBundle, kind: str, files: Optional[dict[str, bytes]], workdir: str) -> str:
+    """A local folder holding model `kind`: the broadcast bytes written out, the path itself when
+    this host sees it, else a copy in the per-host cache (downloaded once: temp folder + rename)."""
+    if files:
+        return _materialise(files, os.path.join(workdir, kind))
+    path = bundle.paths[kind]
+    if os.path.isdir(path):
+        return path
+    import fsspec
+
+    cache_root = bundle.cache_dir or os.path.join(tempfile.gettempdir(), "laion-spark-model-cache")
+    final = os.path.join(cache_root, f"{bundle.key}-{kind}")
+    if os.path.isdir(final):
+        return final
+    os.makedirs(cache_root, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{bundle.key}-{kind}-", dir=cache_root)
+    fs, root = fsspec.core.url_to_fs(path, **bundle.storage_options)
+    for name, _, _ in bundle.path_files[kind]:
+        fs.get_file(f"{root.rstrip('/')}/{name}", os.path.join(tmp, name))
+    try:
+        os.rename(tmp, final)
+    except OSError:  # another process of this host finished first
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
 
 
 def _materialise(files: dict[str, bytes], path: str) -> str:
@@ -229,5 +324,5 @@ def get_models(key: str, bundle_getter, device_setting: str = "auto", dtype_sett
         if load_log_dir:
             os.makedirs(load_log_dir, exist_ok=True)
             with open(os.path.join(load_log_dir, f"loads-{os.getpid()}.txt"), "a") as f:
-                f.write(f"{cache_key}\n")
+                f.write(f"{cache_key} {bundle.source}\n")
         return models

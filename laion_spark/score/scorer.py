@@ -8,6 +8,7 @@ Decode and preprocessing of batch k+1 run in background threads while the device
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -55,7 +56,51 @@ class ScoreSettings:
                                "nolang": score_cfg.threshold_nolang},
                    default_threshold=score_cfg.threshold_multi,
                    multilingual_groups=tuple(score_cfg.use_multilingual_for),
-                   preprocess_threads=max(1, score_cfg.preprocess_threads))
+                   preprocess_threads=resolve_preprocess_threads(score_cfg.preprocess_threads,
+                                                                 **_spark_slots()))
+
+
+def auto_preprocess_threads(executor_cores: int, task_cpus: int = 1, gpus_per_executor: float = 0,
+                            gpus_per_task: float = 0) -> int:
+    """Decode threads per task = the executor's cores / the tasks it runs at once. On a GPU
+    executor that is cores per GPU (8 cores, 1 GPU: 8 threads feed it); on CPU, the task's cpus."""
+    if gpus_per_executor > 0 and gpus_per_task > 0:
+        concurrent = max(1, int(gpus_per_executor / gpus_per_task))
+    else:
+        concurrent = max(1, executor_cores // max(1, task_cpus))
+    return max(1, executor_cores // concurrent)
+
+
+def resolve_preprocess_threads(setting, **slots) -> int:
+    """`score.preprocess_threads`: an int as given, or `auto` from the cluster's slots."""
+    if isinstance(setting, int) or (isinstance(setting, str) and setting.strip().isdigit()):
+        return max(1, int(setting))
+    if setting != "auto":
+        raise ValueError(f"score.preprocess_threads must be an int or 'auto', got {setting!r}")
+    return auto_preprocess_threads(**slots) if slots else max(1, os.cpu_count() or 1)
+
+
+def _spark_slots() -> dict:
+    """Executor cores, task cpus and GPU amounts from the active session's conf (driver side);
+    {} without a session. local[N] is one executor with N cores running N tasks at once."""
+    import sys
+
+    if "pyspark" not in sys.modules:
+        return {}
+    from pyspark.sql import SparkSession
+
+    spark = SparkSession.getActiveSession()
+    if spark is None:
+        return {}
+    conf = spark.sparkContext.getConf()
+    master = spark.sparkContext.master or ""
+    local = master.startswith("local")
+    cores = int(conf.get("spark.executor.cores", "0") or 0) or (
+        spark.sparkContext.defaultParallelism if local else (os.cpu_count() or 1))
+    gpus_exec = float(conf.get("spark.executor.resource.gpu.amount", "0") or 0)
+    gpus_task = float(conf.get("spark.task.resource.gpu.amount", "0") or 0)
+    return {"executor_cores": cores, "task_cpus": int(conf.get("spark.task.cpus", "1") or 1),
+            "gpus_per_executor": gpus_exec, "gpus_per_task": gpus_task}
 
 
 def pairs_schema(images_schema: pa.Schema) -> pa.Schema:

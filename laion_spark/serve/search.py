@@ -13,7 +13,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-import faiss
 import numpy as np
 import pyarrow as pa
 
@@ -65,6 +64,7 @@ class SearchResult:
     retrieved: int
     timings_ms: dict[str, float] = field(default_factory=dict)
     query_kind: str = ""
+    indice_name: str = ""
 
 
 def _bool(body: dict, key: str, default: bool) -> bool:
@@ -216,27 +216,27 @@ def _ms(t: float) -> float:
     return round((time.perf_counter() - t) * 1000, 3)
 
 
-def near_duplicate_mask(vectors: np.ndarray, threshold: float) -> np.ndarray:
+def near_duplicate_mask(vectors: np.ndarray, threshold: float, block: int = 1024) -> np.ndarray:
     """keep[i] is False when a better-ranked kept row has cosine ≥ threshold with row i.
 
-    Pairs come from one range search over the results (faiss, blocked BLAS); the greedy pass in
-    rank order keeps the best of each group (clip back keeps the first of each connected
-    component; greedy keeps a row whose only near twin was itself dropped)."""
+    Greedy in rank order, so the best of each group is kept (clip back keeps the first member
+    of each connected component of its range search; greedy also keeps a row whose only near
+    twin was itself dropped). Exact: blocks of rows against the rows after them (n² · d
+    multiply-adds, which is why the caller caps n at `near_dup_max_results`)."""
     n = len(vectors)
     keep = np.ones(n, dtype=bool)
     if n < 2:
         return keep
-    x = np.ascontiguousarray(vectors, dtype=np.float32).copy()
-    faiss.normalize_L2(x)
-    flat = faiss.IndexFlatIP(x.shape[1])
-    flat.add(x)
-    lims, _, nbrs = flat.range_search(x, float(threshold))
-    for i in range(n):
-        if not keep[i]:
-            continue
-        for j in nbrs[lims[i]: lims[i + 1]]:
-            if j > i:
-                keep[j] = False
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    for a in range(0, n, block):
+        b = min(n, a + block)
+        close = (x[a:b] @ x[a:].T) >= threshold  # rows a..b against rows a..n
+        for i in range(a, b):
+            if keep[i]:
+                row = close[i - a, i - a + 1:]
+                if row.any():
+                    keep[i + 1:] &= ~row
     return keep
 
 
@@ -311,7 +311,7 @@ def run_search(q: Query, folder: IndexFolder, cfg: ServeConfig, dcfg: DownloadCo
             for i, s in zip(kept_ids[q.num_images:], kept_sims[q.num_images:])]
     timings["metadata_ms"] = _ms(t)
     timings["total_ms"] = _ms(started)
-    return SearchResult(head + tail, removed, retrieved, timings, kind)
+    return SearchResult(head + tail, removed, retrieved, timings, kind, folder.name)
 
 
 def rows_for(folder: IndexFolder, ids: np.ndarray, columns: Optional[list[str]] = None) -> list:
