@@ -35,6 +35,9 @@ class SparkConfig:
     shuffle_partitions: int = 8
     driver_memory: str = "4g"
     extra_conf: dict[str, str] = field(default_factory=dict)
+    # Delta + hadoop-aws jars for a session this process starts: "auto" = .jars/spark-<x.y>/
+    # beside the package when scripts/setup-jars.sh made it, "" = none, else a folder.
+    jars_dir: str = "auto"
 
 
 @dataclass

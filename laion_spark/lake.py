@@ -67,6 +67,31 @@ def unit_app_id(stage: str, unit: str) -> str:
     return f"{stage}:{digest}"
 
 
+def fsspec_options(uri: str, storage_options: dict[str, str]) -> dict:
+    """delta-rs storage options -> fsspec keyword arguments for the same store.
+
+    s3/s3a: AWS_ACCESS_KEY_ID/SECRET/SESSION_TOKEN, AWS_ENDPOINT_URL, AWS_REGION become s3fs's
+    key/secret/token/client_kwargs (absent keys: s3fs's own chain, e.g. an instance role). Other
+    schemes get the options unchanged (gcsfs and friends take their own names)."""
+    scheme = urlparse(uri).scheme
+    if scheme not in ("s3", "s3a"):
+        return dict(storage_options) if not _is_local(uri) else {}
+    o = {k.upper(): v for k, v in storage_options.items()}
+    out: dict = {}
+    for key, name in (("AWS_ACCESS_KEY_ID", "key"), ("AWS_SECRET_ACCESS_KEY", "secret"),
+                      ("AWS_SESSION_TOKEN", "token")):
+        if o.get(key):
+            out[name] = o[key]
+    client = {}
+    if o.get("AWS_ENDPOINT_URL") or o.get("AWS_ENDPOINT"):
+        client["endpoint_url"] = o.get("AWS_ENDPOINT_URL") or o.get("AWS_ENDPOINT")
+    if o.get("AWS_REGION") or o.get("AWS_DEFAULT_REGION"):
+        client["region_name"] = o.get("AWS_REGION") or o.get("AWS_DEFAULT_REGION")
+    if client:
+        out["client_kwargs"] = client
+    return out
+
+
 def _is_local(uri: str) -> bool:
     scheme = urlparse(uri).scheme
     return scheme in ("", "file") or (len(scheme) == 1)  # windows drive letters
@@ -93,6 +118,10 @@ class Lake:
         self.root = root.rstrip("/")
         backend = self.cfg.backend
         if backend == "auto":
+            # LAION_LAKE_BACKEND (delta-rs | delta-spark) overrides auto: runs a job or the tests
+            # on the other backend without editing a config.
+            backend = os.environ.get("LAION_LAKE_BACKEND", "") or "auto"
+        if backend == "auto":
             backend = "delta-spark" if has_delta_extension(spark) else "delta-rs"
         if backend not in ("delta-spark", "delta-rs"):
             raise LakeError(f"lake.backend must be auto, delta-spark or delta-rs, got {backend!r}")
@@ -100,6 +129,13 @@ class Lake:
         self.storage_options = dict(self.cfg.storage_options)
 
     # ----------------------------------------------------------------- paths and discovery
+    def filesystem(self, uri: str):
+        """(fsspec filesystem, path) for a URI in the lake, with the lake's credentials: the
+        delta-rs storage options translated for s3fs (one set of settings for both)."""
+        import fsspec
+
+        return fsspec.core.url_to_fs(uri, **fsspec_options(uri, self.storage_options))
+
     def table_path(self, name: str) -> str:
         if not name.replace("_", "").isalnum():
             raise LakeError(f"table name {name!r} must be letters, digits and underscores")
@@ -132,9 +168,7 @@ class Lake:
                 if os.path.isdir(os.path.join(self.root, d, "_delta_log"))
             ]
         else:
-            import fsspec
-
-            fs, path = fsspec.core.url_to_fs(self.root, **self.storage_options)
+            fs, path = self.filesystem(self.root)
             names = sorted(
                 os.path.basename(p.rstrip("/"))
                 for p in fs.ls(path, detail=False)
@@ -193,14 +227,14 @@ class Lake:
         if not units or not self.exists(name):
             return set()
         table = self._delta_table(name)
-        if self.backend == "delta-rs":
-            return {
-                u for u in units
-                if (table.transaction_version(unit_app_id(stage, u)) or 0) >= UNIT_VERSION
-            }
-        # delta-spark: units are listed in each commit's userMetadata.
-        done: set[str] = set()
-        wanted = {unit_app_id(stage, u): u for u in units}
+        # Both mechanisms on both backends, so a table written by one backend and continued by
+        # the other forgets no unit: a txn per unit (delta-rs; delta-spark's one-unit commits)
+        # and the unit list in a commit's userMetadata (delta-spark's multi-unit commits).
+        done = {u for u in units
+                if (table.transaction_version(unit_app_id(stage, u)) or 0) >= UNIT_VERSION}
+        wanted = {unit_app_id(stage, u): u for u in units if u not in done}
+        if not wanted:
+            return done
         for entry in table.history():
             meta = entry.get("userMetadata")
             if not meta:
@@ -292,8 +326,11 @@ class Lake:
         user_meta = dict(metadata or {})
         if app_ids:
             user_meta["units"] = app_ids
-            batch_id = hashlib.sha1("\n".join(sorted(app_ids)).encode()).hexdigest()[:20]
-            writer = writer.option("txnAppId", f"{stage}:batch:{batch_id}").option("txnVersion", 1)
+            if len(app_ids) == 1:  # the same txn delta-rs writes for a unit
+                app_id = app_ids[0]
+            else:
+                app_id = f"{stage}:batch:" + hashlib.sha1("\n".join(sorted(app_ids)).encode()).hexdigest()[:20]
+            writer = writer.option("txnAppId", app_id).option("txnVersion", UNIT_VERSION)
         if user_meta:
             writer = writer.option("userMetadata", json.dumps(user_meta))
         writer.save(self.table_path(name))
@@ -346,9 +383,7 @@ class Lake:
             for dirpath, _, names in os.walk(_local_path(staging)):
                 out.extend(os.path.join(dirpath, n) for n in names if n.endswith(".parquet"))
             return sorted(out)
-        import fsspec
-
-        fs, p = fsspec.core.url_to_fs(staging, **self.storage_options)
+        fs, p = self.filesystem(staging)
         proto = staging.split("://", 1)[0]
         return sorted(f"{proto}://{f}" for f in fs.find(p) if f.endswith(".parquet"))
 
@@ -361,9 +396,7 @@ class Lake:
                 mtime = int(os.path.getmtime(f) * 1000)
                 meta = pq.read_metadata(f)
             else:
-                import fsspec
-
-                fs, p = fsspec.core.url_to_fs(f, **self.storage_options)
+                fs, p = self.filesystem(f)
                 info = fs.info(p)
                 size = int(info["size"])
                 mtime = int(time.time() * 1000)
@@ -446,7 +479,7 @@ class Lake:
         else:
             import fsspec
 
-            fs, p = fsspec.core.url_to_fs(full, **self.storage_options)
+            fs, p = self.filesystem(full)
             with fs.open(p, "rb") as fh:
                 meta = pq.read_metadata(fh)
         if meta.num_row_groups == 0 or meta.num_columns == 0:
@@ -481,7 +514,7 @@ class Lake:
         else:
             import fsspec
 
-            fs, _ = fsspec.core.url_to_fs(path, **self.storage_options)
+            fs, _ = self.filesystem(path)
             with ThreadPoolExecutor(max_workers=16) as pool:
                 present = [p for p, ok in zip(listed, pool.map(fs.exists, listed)) if ok]
         if present and not dry_run:
@@ -525,7 +558,7 @@ class Lake:
         else:
             import fsspec
 
-            fs, p = fsspec.core.url_to_fs(path, **self.storage_options)
+            fs, p = self.filesystem(path)
             for folder in stale:
                 fs.rm(f"{p}/{folder}", recursive=True)
         return stale
@@ -545,7 +578,7 @@ class Lake:
             return out
         import fsspec
 
-        fs, p = fsspec.core.url_to_fs(path, **self.storage_options)
+        fs, p = self.filesystem(path)
         for entry in fs.ls(p, detail=True):
             folder = os.path.basename(entry["name"].rstrip("/"))
             if entry.get("type") != "directory" or not folder.startswith("part-"):
@@ -623,10 +656,9 @@ def _same_type(a: pa.DataType, b: pa.DataType) -> bool:
 
 
 def _arrow_schema_from_spark(schema) -> pa.Schema:
-    from pyspark.sql.pandas.types import to_arrow_schema
+    from laion_spark.spark import to_arrow_schema
 
-    arrow = (to_arrow_schema(schema, timezone="UTC") if _accepts_kw(to_arrow_schema, "timezone")
-             else to_arrow_schema(schema))
+    arrow = to_arrow_schema(schema)
     fields = []
     for f in arrow:
         t = f.type
@@ -634,15 +666,6 @@ def _arrow_schema_from_spark(schema) -> pa.Schema:
             t = pa.timestamp("us", tz="UTC")
         fields.append(pa.field(f.name, t, nullable=True))
     return pa.schema(fields)
-
-
-def _accepts_kw(fn, kw: str) -> bool:
-    import inspect
-
-    try:
-        return kw in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def _spark_schema_from_arrow(schema: pa.Schema):

@@ -7,6 +7,7 @@ dpkg -s libprotobuf-dev >/dev/null 2>&1 || need+=(libprotobuf-dev)
 command -v java >/dev/null 2>&1 || need+=(openjdk-17-jre-headless)
 command -v shellcheck >/dev/null 2>&1 || need+=(shellcheck)  # tests/test_deploy_files.py lints deploy/
 command -v chromium >/dev/null 2>&1 || need+=(chromium)  # the serve page's browser test (Playwright drives it)
+command -v mvn >/dev/null 2>&1 || need+=(maven)  # scripts/setup-jars.sh fetches Delta's jars
 if ((${#need[@]})); then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   echo "setup: installing system packages: ${need[*]}"

@@ -87,13 +87,14 @@ def test_index_of_demo_pairs_maps_ids_to_uids_and_rebuilds_identically(demo_run)
 
     from laion_spark.index import core
     from laion_spark.index.job import output_dir, run_index
+    from laion_spark.spark import dataframe_to_arrow
 
     ctx, _, _, _, _ = demo_run
     version = ctx.lake.version("pairs")
     out = Path(output_dir(ctx.cfg, version))
     meta = pq.read_table(out / "metadata.parquet")
-    kept = ctx.lake.read("pairs", version).where("passes_filter").select(
-        "uid", "image_embedding", "text_embedding").toArrow()
+    kept = dataframe_to_arrow(ctx.lake.read("pairs", version).where("passes_filter").select(
+        "uid", "image_embedding", "text_embedding"))
     uids = meta.column("uid").to_pylist()
     assert meta.column("id").to_pylist() == list(range(meta.num_rows))
     assert sorted(uids) == sorted(kept.column("uid").to_pylist())  # each passing row once

@@ -92,9 +92,8 @@ def test_dechunk_negative_and_garbage_sizes_end_bounded():
 
 @pytest.mark.parametrize("encoding", ["gzip", "deflate", "br"])
 def test_decompression_is_capped_by_output_size(encoding):
-    bomb = b"<html>" + b" " * 20_000_000
-    packed = {"gzip": lambda b: gzip.compress(b, 6), "deflate": zlib.compress,
-              "br": lambda b: brotli.compress(b, quality=1)}[encoding](bomb)
+    bomb = b"<html>" + b" " * 50_000_000
+    packed = {"gzip": gzip.compress, "deflate": zlib.compress, "br": brotli.compress}[encoding](bomb)
     assert len(packed) < 200_000
     out, cut = decode_http_body({"content-encoding": encoding}, packed, 1_000_000)
     assert cut and len(out) == 1_000_000 and out.startswith(b"<html>")
@@ -104,7 +103,7 @@ def test_decompression_is_capped_by_output_size(encoding):
 
 
 def test_gzip_bomb_page_is_cut_and_counted(tmp_path):
-    page = b"<html><body><img src='/a.jpg' alt='first image on the page'>" + b"<p>x</p>" * 300_000
+    page = b"<html><body><img src='/a.jpg' alt='first image on the page'>" + b"<p>x</p>" * 2_000_000
     bomb = gzip.compress(page)
     got, _ = with_good(tmp_path, ("http://ex.com/p1", bomb, (("Content-Type", "text/html"),
                                                             ("Content-Encoding", "gzip")), None),

@@ -19,6 +19,7 @@ from PIL import Image
 from laion_spark.config import Config, LakeConfig
 from laion_spark.score.demo_model import _auc, _letterbox
 from laion_spark.score.scorer import binary_to_embeddings
+from laion_spark.spark import dataframe_from_arrow
 
 N_PAGES = 80
 ROWS_PER_SHARD = 40
@@ -85,7 +86,7 @@ def scored(spark, demo_clip, tmp_path_factory):
     web = generate_demo_web(root / "web", "http://127.0.0.1:9", seed=0, n_pages=N_PAGES)
     rows = _images_rows(web)
     lake = Lake(spark, LakeConfig(root=str(root / "lake")))
-    lake.append("images", spark.createDataFrame(pa.Table.from_pylist(rows)), stage="download",
+    lake.append("images", dataframe_from_arrow(spark, pa.Table.from_pylist(rows)), stage="download",
                 units=sorted({r["shard"] for r in rows}))
     cfg = Config()
     cfg.score.clip_model = demo_clip.clip_path

@@ -7,7 +7,6 @@ turns every non-ASCII alt text into U+FFFD, and those are exactly the `multi` ca
 from __future__ import annotations
 
 import codecs
-import itertools
 import math
 import re
 from dataclasses import dataclass
@@ -144,21 +143,13 @@ def html_nesting(body: bytes, max_depth: int, max_work: int) -> Optional[str]:
     tokens = _TAG_NAME.findall(_RAW_TEXT.sub(b"", low))
     if not tokens:
         return None
-    # token -> an id (C-level: setdefault with a running count; ids of repeats are skipped)
-    ids: dict[bytes, int] = {}
-    inverse = np.fromiter(map(ids.setdefault, tokens, itertools.count()), dtype=np.int64,
-                          count=len(tokens))
+    names, inverse = np.unique(np.array(tokens, dtype=object).astype(bytes), return_inverse=True)
     # per distinct token: its element (an end tag `/x` maps to `x`) and its step
-    element_of = np.zeros(len(tokens), dtype=np.int64)
-    step_of = np.zeros(len(tokens), dtype=np.int64)
-    elements: dict[bytes, int] = {}
-    for token, i in ids.items():
-        closing = token[:1] == b"/"
-        name = token[1:] if closing else token
-        element_of[i] = elements.setdefault(name, len(elements))
-        step_of[i] = -1 if closing else (0 if name in _VOID else 1)
-    token_element = element_of[inverse]
-    token_step = step_of[inverse]
+    base = [n[1:] if n[:1] == b"/" else n for n in names.tolist()]
+    elements = {name: i for i, name in enumerate(dict.fromkeys(base))}
+    token_element = np.array([elements[n] for n in base], dtype=np.int64)[inverse]
+    token_step = np.array([-1 if n[:1] == b"/" else (0 if n in _VOID else 1) for n in names.tolist()],
+                          dtype=np.int64)[inverse]
     # Each element name's open count is a walk floored at 0 (a stray end tag does nothing):
     # floored = S - min(0, running min of S), S its prefix sum, computed per name in one pass
     # by sorting the tags by name (stable) and offsetting each name's sums below the last.

@@ -386,9 +386,7 @@ def iter_records(stream: BinaryIO, *, reader: str = "fastwarc",
                     error = (f"truncated: Content-Length {raw.content_length}, stream ended "
                              f"first")
                     break
-                block = raw.block
-                # (a WAT's JSON has no CR: one memchr skips the search there)
-                if verify_digests or (b"\r" in block and _SWALLOWED in block):
+                if verify_digests or _SWALLOWED in raw.block:
                     digest = raw.block_digest
                     if (digest is None or not raw.complete) and not verify_digests:
                         # nothing to check against: a record header after a line break in a

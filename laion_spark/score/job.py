@@ -24,15 +24,15 @@ OUTPUT_TABLE = "pairs"
 
 
 def _spark_schema(arrow_schema):
-    from pyspark.sql.pandas.types import from_arrow_schema
+    from laion_spark.spark import from_arrow_schema
 
     return from_arrow_schema(arrow_schema)
 
 
 def _arrow_schema(spark_schema):
-    from pyspark.sql.pandas.types import to_arrow_schema
+    from laion_spark.spark import to_arrow_schema  # Spark 3.5 and 4.x differ here
 
-    return to_arrow_schema(spark_schema, timezone="UTC", prefers_large_types=False)
+    return to_arrow_schema(spark_schema)
 
 
 def make_partition_scorer(key: str, bundle_broadcast, score_cfg):
