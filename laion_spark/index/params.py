@@ -136,10 +136,13 @@ def choose_params(n: int, dim: int, budget_bytes: int, samples_per_cluster: int 
         forced_nlist = int(m.group(1)) if m else 1
         code = _code_bytes_of(index_key, dim)
         est = n * (code + ID_BYTES) + _fixed_bytes(forced_nlist, dim)
-        reasons.insert(0, f"index_key forced by config: {index_key}")
+        forced_train = train_size_for(n, forced_nlist, samples_per_cluster, max_train_vectors)
+        reasons = [f"index_key forced by config: {index_key}",
+                   f"train on a uniform random sample of {forced_train:,} vectors ({spc} per "
+                   f"cluster of its {forced_nlist:,} lists, at least 10,240, at most "
+                   f"index.max_train_vectors = {max_train_vectors:,})"]
         return IndexParams(index_key, n, dim, budget_bytes, forced_nlist, code, "OPQ" in index_key,
-                           train_size_for(n, forced_nlist, samples_per_cluster, max_train_vectors),
-                           est, reasons=reasons)
+                           forced_train, est, reasons=reasons)
 
     ivf = _ivf(nlist)
     candidates: list[tuple[str, int, bool, int]] = [
