@@ -54,8 +54,10 @@ def build(out: str, n: int, dim: int, key: str, budget_gb: float, seed: int) -> 
     t = time.time()
     x = clustered_vectors(n, dim, n_clusters=1000, seed=seed, latent_dim=32)
     rng = np.random.default_rng(seed)
-    words = np.array(WORDS)
-    texts = [" ".join(words[rng.integers(0, len(WORDS), 5)]) for _ in range(n)]
+    words = np.array(WORDS, dtype=object)
+    pick = words[rng.integers(0, len(WORDS), (n, 5))]
+    texts = (pick[:, 0] + " " + pick[:, 1] + " " + pick[:, 2] + " " + pick[:, 3] + " "
+             + pick[:, 4]).tolist()
     table = pa.table({
         "uid": pa.array(np.arange(n, dtype=np.int64) + 10 ** 12),
         "url": [f"http://img.example/{seed}/{i}.jpg" for i in range(n)],
@@ -147,6 +149,8 @@ def main() -> None:
     ap.add_argument("--index-key", default="IVF1024,SQ8",
                     help="forced faiss key for the embedding index ('' = budget rule)")
     ap.add_argument("--budget-gb", type=float, default=1.0)
+    ap.add_argument("--text-n", type=int, default=None,
+                    help="rows of the text-query index (default: --n)")
     ap.add_argument("--clip-model", default=os.environ.get("LAION_SPARK_TEST_DEMO_CLIP"))
     ap.add_argument("--out", default="/tmp/laion-serve-bench")
     ap.add_argument("--workers", type=int, default=2)
@@ -174,8 +178,10 @@ def main() -> None:
     if args.clip_model:
         cfg = json.load(open(os.path.join(args.clip_model, "config.json")))
         tdim = int(cfg.get("projection_dim") or 512)
-        txt_dir = os.path.join(args.out, f"txt-{args.n}-{tdim}")
-        build(txt_dir, args.n, tdim, "IVF1024,Flat", args.budget_gb, seed=1)
+        tn = args.text_n or args.n
+        txt_dir = os.path.join(args.out, f"txt-{tn}-{tdim}")
+        build(txt_dir, tn, tdim, "IVF1024,Flat", args.budget_gb, seed=1)
+        results["txt_index_rows"] = tn
         with open(os.path.join(txt_dir, "model.json"), "w") as f:
             json.dump({"clip_model": args.clip_model, "text_model": None, "dim": tdim}, f)
         indices.append(f"txt={txt_dir}")

@@ -320,15 +320,24 @@ def test_export_formats(url, truth):
 
 
 def test_cli_serves_with_two_workers(truth, tmp_path):
-    """`laion-spark serve` as a user runs it: two uvicorn workers, answers, stops on SIGTERM."""
+    """`laion-spark serve` as a user runs it: two uvicorn workers, answers, stops on SIGTERM.
+    The index is linked without model.json (embedding queries only), so the workers start
+    without loading torch: the encoders' path is covered by the in-process server above."""
+    import os
+
+    index = tmp_path / "index"
+    index.mkdir()
+    for name in os.listdir(truth["index"]):
+        if name != "model.json":
+            os.symlink(os.path.join(truth["index"], name), index / name)
     port = free_port()
     log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "laion_spark.cli", "serve", "--index",
-                             f"demo={truth['index']}", "--port", str(port), "--workers", "2"],
-                            stdout=log, stderr=subprocess.STDOUT)
+                             f"demo={index}", "--port", str(port), "--workers", "2"],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 120
+        deadline = time.time() + 400  # two cold Python starts; minutes on a loaded 2-core box
         while True:
             try:
                 if requests.get(base + "/indices-list", timeout=2).status_code == 200:
@@ -339,16 +348,51 @@ def test_cli_serves_with_two_workers(truth, tmp_path):
             assert time.time() < deadline, "server did not come up"
             time.sleep(0.5)
         pids = set()
+        vec = np.ones(64).tolist()
         for _ in range(12):
             r = requests.post(base + "/knn-service", data=json.dumps(
-                {"indice_name": "demo", "text": "a red circle", "num_images": 3}), timeout=60)
-            assert r.status_code == 200 and r.json()
+                {"indice_name": "demo", "embedding_input": vec, "num_images": 3}), timeout=60)
+            assert r.status_code == 200 and 1 <= len(r.json()) <= 3  # filters may drop some
+            text = requests.post(base + "/knn-service", data=json.dumps(
+                {"indice_name": "demo", "text": "a red circle"}), timeout=60)
+            assert text.status_code == 400 and text.json()["error"] == "no_model"
             m = requests.get(base + "/metrics", timeout=5).text
             pids |= {line.split('pid="')[1].split('"')[0] for line in m.splitlines()
                      if 'pid="' in line}
         print("worker pids seen", pids)
         assert len(pids) >= 1
     finally:
+        import signal
+
         proc.terminate()
-        proc.wait(timeout=30)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # workers still starting: end the whole group
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
         log.close()
+
+
+def test_metadata_parts_take_across_parts_in_request_order(tmp_path):
+    """Per-part Arrow slices (the index stage's metadata/<first>-<end>.arrow): ids map to the
+    right part and row, in the order asked; a missing part is an error, not misalignment."""
+    import pyarrow as pa
+
+    from laion_spark.serve.store import IndexFolderError, Metadata
+
+    folder = tmp_path / "idx"
+    (folder / "metadata").mkdir(parents=True)
+    bounds = [(0, 3), (3, 3), (3, 7), (7, 10)]  # an empty part too
+    for a, b in bounds:
+        t = pa.table({"id": pa.array(range(a, b), pa.int64()),
+                      "url": [f"u{i}" for i in range(a, b)]})
+        with pa.OSFile(str(folder / "metadata" / f"{a:012d}-{b:012d}.arrow"), "wb") as sink, \
+                pa.ipc.new_file(sink, t.schema) as w:
+            w.write_table(t)
+    meta = Metadata.open(str(folder))
+    assert meta.n == 10
+    ids = np.array([9, 0, 4, 3, 8, 2, 6])
+    assert meta.take(ids, ["url"]).column("url").to_pylist() == [f"u{i}" for i in ids]
+    (folder / "metadata" / f"{3:012d}-{7:012d}.arrow").unlink()
+    with pytest.raises(IndexFolderError, match="missing"):
+        Metadata.open(str(folder))
