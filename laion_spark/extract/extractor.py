@@ -128,10 +128,6 @@ def fetch_time_us(value: Optional[str], min_year: int) -> tuple[Optional[int], O
 _BAD_CHARS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
 _bad_chars = _BAD_CHARS.search
 _SURROGATES = re.compile("[\ud800-\udfff]")
-# An alt text clean_text may change: anything but printable ASCII, tab, LF, CR; or an entity.
-_NEEDS_CLEANING = re.compile("[^\x20-\x7e\t\n\r]|&").search
-# A URL with a control or lone surrogate (tab/LF/CR included: they are removed).
-_URL_CONTROLS = re.compile("[\x00-\x1f\x7f\ud800-\udfff]").search
 
 
 def clean_text(text: str) -> str:
@@ -679,7 +675,6 @@ class FileExtractor:
          c_src, c_crawl, c_time) = self.builder.columns
         rules = self.rules
         check_url, identify, hash64 = rules.check_url, self.lang.identify, mmh3.hash64
-        needs_cleaning, url_controls = _NEEDS_CLEANING, _URL_CONTROLS
         absolute_http, fast_http, extensions = ABSOLUTE_HTTP, rules.fast_http, rules.extensions
         any_extension, max_host, max_url = rules.any_extension, rules.max_hostname_length, rules.max_url_length
         min_len, max_len = self.cfg.min_text_length, self.cfg.max_text_length
@@ -700,7 +695,7 @@ class FileExtractor:
                 if not isinstance(alt, str):
                     drops[DROP_NO_ALT] += 1
                     continue
-            if needs_cleaning(alt):  # (one C call: non-ASCII, a control, or "&")
+            if not (alt.isascii() and alt.isprintable()) or "&" in alt:  # (C-level tests)
                 alt = clean_text(alt)
             text = " ".join(alt.split())
             if text:
@@ -712,7 +707,7 @@ class FileExtractor:
                 text = text[:max_len]
             # The common case inline: an absolute http(s) URL (what rules.check_url does first).
             ref = ref.strip()
-            if url_controls(ref):
+            if not ref.isprintable():  # (controls, tab/LF/CR, lone surrogates, some format chars)
                 ref = clean_url(ref)
                 if not ref:
                     drops[DROP_INVALID_URL] += 1

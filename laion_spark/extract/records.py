@@ -71,14 +71,17 @@ class RawRecord:
     def block_digest(self) -> Optional[str]:
         if self._headers is not None:
             self._resolve_headers()
-        return self._digest
+        digest = self._digest
+        if digest.__class__ is not str and digest is not None:  # a FastWARC header map
+            digest = self._digest = digest.get("WARC-Block-Digest")
+        return digest
 
     def _resolve_headers(self) -> None:
         headers, self._headers = self._headers, None
         self._target_uri = _clean_uri(headers.get("WARC-Target-URI"))
         self._date = headers.get("WARC-Date")
         self._content_type = headers.get("Content-Type")
-        self._digest = headers.get("WARC-Block-Digest")
+        self._digest = headers  # WARC-Block-Digest is looked up when asked for (rarely)
 
     def __repr__(self) -> str:
         return (f"RawRecord(offset={self.offset}, warc_type={self.warc_type!r}, "
@@ -263,6 +266,8 @@ def _fastwarc_records(stream: BinaryIO, wants_body: WantsBody, max_bytes: int,
     # reads whole blocks, so its reader needs no short-read loop.
     type_names = _fastwarc_record_names()
     last = None
+    plain = state is not None and state["plain"]
+    max_length = state["max_length"] if state is not None else 1 << 62
     for rec in ArchiveIterator(stream, parse_http=False):
         headers = rec.headers
         length = rec.content_length
@@ -276,10 +281,10 @@ def _fastwarc_records(stream: BinaryIO, wants_body: WantsBody, max_bytes: int,
         if wtype is None or (length == 0 and headers.get("Content-Length") is None):
             raise ExtractError("bad_warc_header", f"malformed or truncated WARC header at "
                                f"{rec.stream_pos}: {dict(headers.to_dict())!r:.200}")
-        if state is not None and length > state["max_length"]:
+        if length > max_length:
             raise ExtractError("truncated", f"Content-Length {length} at {rec.stream_pos} runs "
                                             f"past the end of the file")
-        if state is not None:
+        if plain:
             # FastWARC skips what it cannot use (the rest of a block after a Content-Length too
             # small, junk between records) without a word: in an uncompressed file the next
             # record must start where the last one ended. `state["next"]` is that position,
@@ -291,9 +296,8 @@ def _fastwarc_records(stream: BinaryIO, wants_body: WantsBody, max_bytes: int,
                                         f"of the record at {last} skipped (Content-Length too "
                                         f"small?) before the record at {pos}")
             last = pos
-            if state["plain"]:
-                state["next"] = (pos + len(headers.status_line) + 4 + length + 4
-                                 + sum(len(k) + len(v) + 4 for k, v in headers.astuples()))
+            state["next"] = (pos + len(headers.status_line) + 4 + length + 4
+                             + sum(len(k) + len(v) + 4 for k, v in headers.astuples()))
         if length <= HEAD_BYTES:  # most records: one read, no wants_body call
             block = rec.reader.read(length) if length else b""
             short = len(block) < length
