@@ -302,7 +302,7 @@ def run_ours(rows: list[tuple[str, str]], args) -> dict:
     n_tasks = args.tasks or 2 * args.processes
     cfg.download = DownloadConfig(
         threads_per_task=args.threads, shard_size=math.ceil(len(rows) / n_tasks),
-        shards_per_commit=n_tasks, allow_loopback=True, per_host_concurrency=args.threads,
+        max_shards_per_wave=n_tasks, allow_loopback=True, per_host_concurrency=args.threads,
         resize_mode="border", image_size=256, output_format="jpg", encode_quality=95,
         read_timeout_s=10.0, total_deadline_s=20.0, retries=0, decode_workers=args.decode_workers,
         compression=args.compression)

@@ -92,6 +92,15 @@ class ExtractConfig:
     verify_digests: bool = False
     # fetch_time outside [min_fetch_year, now + 1 day] is null with a `bad_date` failure row.
     min_fetch_year: int = 1990
+    # Waves (laion_spark/waves.py): files per wave = task slots × files_per_slot, capped; one
+    # commit per wave (the resume granularity: a crash redoes at most one wave).
+    files_per_slot: float = 2.0
+    max_files_per_wave: int = 2048
+    # Transient read errors (S3 503, connection reset, timeouts): the task re-reads the file up to
+    # transient_retries times (transient_backoff_s apart, doubling), then raises so Spark retries
+    # the task; on Spark's last attempt the file gets a `transient_io` failure row and stays pending.
+    transient_retries: int = 2
+    transient_backoff_s: float = 1.0
 
 
 @dataclass
@@ -126,7 +135,10 @@ class DownloadConfig:
     encode_quality: int = 95
     decode_workers: int = 2
     retry_failed: bool = False
-    shards_per_commit: int = 8  # shards downloaded per Delta commit (the resume granularity)
+    # Waves: shards per wave = task slots × shards_per_slot, capped by max_shards_per_wave; one
+    # task per shard, one `images` file per shard, one commit per wave (the resume granularity).
+    shards_per_slot: float = 2.0
+    max_shards_per_wave: int = 4096
     compression: str = "snappy"  # Parquet codec of `images` (its JPEG/WEBP bytes do not shrink)
     decode_deadline_s: float = 10.0  # per image: decoding stops between input pieces after this (failed: timeout)
     # Estimated peak of decoding one image (raster + one working copy + progressive JPEG coefficients),
@@ -159,7 +171,9 @@ class ScoreConfig:
     preprocess_threads: Union[int, str] = "auto"  # decode threads per task; auto: the executor's cores per task
     prefetch_batches: int = 2  # decoded batches queued ahead of the model
     partitions: Optional[int] = None  # repartition the images rows (None: keep the read's split)
-    shards_per_commit: int = 64  # images shards scored and committed to pairs per Delta commit
+    # Waves: shards per wave = GPUs (cores on CPU) × shards_per_slot, capped by max_shards_per_wave.
+    shards_per_slot: float = 2.0
+    max_shards_per_wave: int = 1024
     load_log_dir: Optional[str] = None  # each executor process appends a line per model load (tests)
     broadcast_max_bytes: int = 536_870_912  # larger models (ViT-L/H) are loaded by executors from their path
     model_cache_dir: Optional[str] = None  # executors' local copy of path-loaded models (default: temp dir)

@@ -8,11 +8,16 @@ Two backends behind one API (read, append, overwrite, version, idempotent commit
   inside the table; the driver reads the Parquet footers for per-file stats and commits the files
   with ``deltalake`` (AddAction + create_table_with_add_actions / create_write_transaction).
 
-Idempotence: every commit may carry *units of work* (an input file, a shard). Each unit becomes
-a Delta application transaction ``txn(appId=<stage>:<unit>, version=1)``; a re-run asks
-:meth:`Lake.pending_units` which units are not in the table yet, and a commit whose units are
-already there commits nothing. A crash before the commit leaves only unreferenced Parquet files,
-never rows.
+Idempotence, the same on both backends and never from commit history (Delta deletes old commit
+files at checkpoints, ``delta.logRetentionDuration``): a commit may carry a Delta application
+transaction id (``txn``: delta-spark's ``txnAppId``/``txnVersion`` writer options, delta-rs app
+transactions), kept in every checkpoint, so a second commit with the same id is a no-op. The wave
+runner (``waves.py``) gives each wave's data commit one such id, records the wave's units in a
+small intent file first (:meth:`Lake.begin_wave`) and its unit rows in a ``<stage>_units`` table
+last; :meth:`Lake.done_units` reads that table once per run. A crash between the two commits is
+redone with the same wave id: the data commit is skipped, the unit rows land. Legacy per-unit
+``units=`` commits keep working (delta-rs: one txn per unit; delta-spark: one txn per commit).
+A crash before a commit leaves only unreferenced Parquet files, never rows.
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 from urllib.parse import unquote, urlparse
 
 import pyarrow as pa
@@ -89,6 +94,46 @@ def fsspec_options(uri: str, storage_options: dict[str, str]) -> dict:
         client["region_name"] = o.get("AWS_REGION") or o.get("AWS_DEFAULT_REGION")
     if client:
         out["client_kwargs"] = client
+    return out
+
+
+def _batch_app_id(stage: str, units: Iterable[str]) -> str:
+    return _batch_app_id_of(stage, [unit_app_id(stage, u) for u in dict.fromkeys(units)])
+
+
+def _batch_app_id_of(stage: str, app_ids: list[str]) -> str:
+    digest = hashlib.sha1("\n".join(sorted(app_ids)).encode()).hexdigest()[:20]
+    return f"{stage}:batch:{digest}"
+
+
+def wave_app_id(stage: str, wave_id: str) -> str:
+    """The Delta app id of one wave's commit (both backends)."""
+    return f"{stage}:wave:{wave_id}"
+
+
+def _files_matching(table, table_path: str, where_in: dict[str, list]) -> list[str]:
+    """URIs of the live files whose min/max stats may hold one of the values of every column
+    (a file without stats for a column is kept: a missing bound never drops live rows)."""
+    import bisect
+
+    actions = pa.table(table.get_add_actions(flatten=True)).to_pylist()
+    wanted = {c: sorted(v) for c, v in where_in.items()}
+    out = []
+    for a in actions:
+        keep = True
+        for c, values in wanted.items():
+            lo, hi = a.get(f"min.{c}"), a.get(f"max.{c}")
+            if lo is None or hi is None:
+                if a.get(f"null_count.{c}") is not None and a.get(f"null_count.{c}") == a.get("num_records"):
+                    keep = False  # all null: no value can match
+                continue
+            i = bisect.bisect_left(values, lo)
+            if i >= len(values) or values[i] > hi:
+                keep = False
+                break
+        if keep:
+            p = a["path"]
+            out.append(p if "://" in p or p.startswith("/") else f"{table_path}/{unquote(p)}")
     return out
 
 
@@ -186,26 +231,66 @@ class Lake:
     def arrow_schema(self, name: str, version: int | None = None) -> pa.Schema:
         return pa.schema(self._delta_table(name, version).schema().to_arrow())
 
-    def read(self, name: str, version: int | None = None) -> DataFrame:
-        """The table as a Spark DataFrame (optionally at an older version: time travel)."""
+    def read(self, name: str, version: int | None = None, *,
+             where_in: dict[str, Sequence] | None = None) -> DataFrame:
+        """The table as a Spark DataFrame (optionally at an older version: time travel).
+
+        `where_in={"shard": [3, 4]}` keeps rows whose column is one of the values, and reads only
+        the files whose Delta min/max stats can hold one (delta-spark: Delta's own data skipping
+        on the bare column; delta-rs: the files are chosen here from the `add` stats). Give values
+        of the column's own type: a cast column defeats skipping and Parquet pushdown."""
+        from pyspark.sql import functions as F
+
+        where_in = {k: list(v) for k, v in (where_in or {}).items()}
         if self.backend == "delta-spark":
             reader = self.spark.read.format("delta")
             if version is not None:
                 reader = reader.option("versionAsOf", version)
-            return reader.load(self.table_path(name))
-        table = self._delta_table(name, version)
-        uris = table.file_uris()
-        schema = pa.schema(table.schema().to_arrow())
-        spark_schema = _spark_schema_from_arrow(schema)
-        if not uris:
-            return self.spark.createDataFrame([], spark_schema)
-        return self.spark.read.schema(spark_schema).parquet(*uris)
+            df = reader.load(self.table_path(name))
+        else:
+            table = self._delta_table(name, version)
+            schema = pa.schema(table.schema().to_arrow())
+            spark_schema = _spark_schema_from_arrow(schema)
+            uris = _files_matching(table, self.table_path(name), where_in) if where_in else table.file_uris()
+            if not uris:
+                return self.spark.createDataFrame([], spark_schema)
+            df = self.spark.read.schema(spark_schema).parquet(*uris)
+        for column, values in where_in.items():
+            df = df.filter(F.col(column).isin(values))
+        return df
 
     def read_arrow(self, name: str, version: int | None = None, columns: list[str] | None = None,
                    filter=None) -> pa.Table:
         """The table as Arrow, with no Spark: for GPU scoring/index machines and tests."""
         ds = self._delta_table(name, version).to_pyarrow_dataset()
         return ds.to_table(columns=columns, filter=filter)
+
+    def read_arrow_where(self, name: str, columns: list[str], where_in: dict[str, Sequence]) -> pa.Table:
+        """The rows whose columns hold one of the values, as Arrow, no Spark: only the files whose
+        min/max stats can hold a value are opened (a few rows of a units table per wave). Not
+        `to_pyarrow_dataset(filter=)`: delta-rs turns a missing bound into `>= null`, which
+        prunes the file (long strings have no bounds here)."""
+        import fsspec
+        import pyarrow.compute as pc
+
+        where_in = {k: list(v) for k, v in where_in.items()}
+        table = self._delta_table(name)
+        schema = pa.schema(table.schema().to_arrow())
+        want = list(dict.fromkeys([*columns, *where_in]))
+        parts = []
+        for uri in _files_matching(table, self.table_path(name), where_in):
+            fs, p = self.filesystem(uri)
+            with fs.open(p, "rb") as fh:
+                t = pq.read_table(fh, columns=want)
+            mask = None
+            for c, values in where_in.items():
+                m = pc.is_in(t.column(c), value_set=pa.array(values, type=t.schema.field(c).type))
+                mask = m if mask is None else pc.and_(mask, m)
+            parts.append(t.filter(mask).select(columns))
+        if not parts:
+            return pa.table({c: pa.array([], type=_normalise_arrow_type(schema.field(c).type))
+                             for c in columns})
+        return pa.concat_tables(parts, promote_options="permissive")
 
     def arrow_dataset(self, name: str, version: int | None = None):
         return self._delta_table(name, version).to_pyarrow_dataset()
@@ -227,11 +312,16 @@ class Lake:
         if not units or not self.exists(name):
             return set()
         table = self._delta_table(name)
-        # Both mechanisms on both backends, so a table written by one backend and continued by
-        # the other forgets no unit: a txn per unit (delta-rs; delta-spark's one-unit commits)
-        # and the unit list in a commit's userMetadata (delta-spark's multi-unit commits).
+        # Legacy `units=` commits (the stages use waves: `<stage>_units` tables + one txn per
+        # wave). A txn per unit on both backends (delta-rs; delta-spark's one-unit commits), read
+        # from the snapshot. delta-spark's multi-unit commits carry one txn, so their units are
+        # found in the commits' userMetadata: a history read, which log cleanup trims; no stage
+        # depends on it.
         done = {u for u in units
                 if (table.transaction_version(unit_app_id(stage, u)) or 0) >= UNIT_VERSION}
+        if len(units) > 1 and len(done) < len(units):
+            if (table.transaction_version(_batch_app_id(stage, units)) or 0) >= UNIT_VERSION:
+                return set(units)
         wanted = {unit_app_id(stage, u): u for u in units if u not in done}
         if not wanted:
             return done
@@ -246,6 +336,52 @@ class Lake:
             done.update(wanted[i] for i in ids if i in wanted)
         return done
 
+    def transaction_version(self, name: str, app_id: str) -> Optional[int]:
+        """The version of Delta app transaction `app_id` in table `name` (None: never committed).
+        Read from the snapshot (checkpoint + newer commits), so log cleanup does not forget it."""
+        if not self.exists(name):
+            return None
+        return self._delta_table(name).transaction_version(app_id)
+
+    def done_units(self, table: str, column: str) -> set[str]:
+        """The unit ids (as strings) of a `<stage>_units` table: read once per run, one column."""
+        if not self.exists(table):
+            return set()
+        col = self.read_arrow(table, columns=[column]).column(column)
+        return {str(v) for v in col.to_pylist() if v is not None}
+
+    # ----------------------------------------------------------------- wave intents
+    def _waves_dir(self, stage: str) -> str:
+        return f"{self.root}/_waves/{stage}"
+
+    def begin_wave(self, stage: str, wave_id: str, units: list[str]) -> None:
+        """Record a wave's units before its first commit, so a crash between its data commit and
+        its units commit is redone with the same wave id (and so skipped by the txn)."""
+        fs, p = self.filesystem(f"{self._waves_dir(stage)}/{wave_id}.json")
+        fs.makedirs(os.path.dirname(p), exist_ok=True)
+        with fs.open(p, "w") as fh:
+            json.dump({"wave_id": wave_id, "units": units}, fh)
+
+    def end_wave(self, stage: str, wave_id: str) -> None:
+        """Drop the intent of a wave whose unit rows are committed."""
+        fs, p = self.filesystem(f"{self._waves_dir(stage)}/{wave_id}.json")
+        if fs.exists(p):
+            fs.rm(p)
+
+    def open_waves(self, stage: str) -> list[tuple[str, list[str]]]:
+        """Intents left by a crashed run: (wave id, units), oldest first. Holds at most a few
+        entries (each completed wave removes its own)."""
+        fs, p = self.filesystem(self._waves_dir(stage))
+        if not fs.exists(p):
+            return []
+        out = []
+        for f in sorted(fs.ls(p, detail=False)):
+            if f.endswith(".json"):
+                with fs.open(f, "r") as fh:
+                    d = json.load(fh)
+                out.append((d["wave_id"], [str(u) for u in d["units"]]))
+        return out
+
     def pending_units(self, name: str, stage: str, units: Iterable[str]) -> list[str]:
         """`units` minus those already committed: what a (re-)run still has to do."""
         units = list(dict.fromkeys(units))
@@ -255,11 +391,12 @@ class Lake:
     # ----------------------------------------------------------------- writes
     def append(self, name: str, df: DataFrame, *, stage: str = "laion-spark",
                units: Iterable[str] = (), metadata: dict | None = None,
-               compression: str | None = None) -> CommitResult:
-        """Add `df`'s rows; with `units`, a unit already committed makes this commit a no-op.
+               compression: str | None = None, txn: str | None = None) -> CommitResult:
+        """Add `df`'s rows; with `units`, a unit already committed makes this commit a no-op;
+        with `txn` (a wave's app id), a txn already in the table does the same.
 
         `compression`: the Parquet codec (default zstd; e.g. snappy for already-compressed bytes)."""
-        return self._write(name, df, "append", stage, list(units), metadata, compression)
+        return self._write(name, df, "append", stage, list(units), metadata, compression, txn)
 
     def overwrite(self, name: str, df: DataFrame, *, stage: str = "laion-spark",
                   units: Iterable[str] = (), metadata: dict | None = None,
@@ -268,9 +405,12 @@ class Lake:
         return self._write(name, df, "overwrite", stage, list(units), metadata, compression)
 
     def _write(self, name: str, df: DataFrame, mode: str, stage: str, units: list[str],
-               metadata: dict | None, compression: str | None = None) -> CommitResult:
+               metadata: dict | None, compression: str | None = None,
+               txn: str | None = None) -> CommitResult:
         started = time.time()
-        path = self.table_path(name)
+        if txn and (self.transaction_version(name, txn) or 0) >= UNIT_VERSION:
+            log.info("%s: txn %s already committed, nothing to do", name, txn)
+            return CommitResult(name, None, 0, 0, list(units), [])
         if units:
             already = self.committed_units(name, stage, units)
             if already:
@@ -285,9 +425,14 @@ class Lake:
             self._check_schema(name, df)
         app_ids = [unit_app_id(stage, u) for u in dict.fromkeys(units)]
         if self.backend == "delta-spark":
-            result = self._write_delta_spark(name, df, mode, stage, app_ids, metadata, compression)
+            # One txn per delta-spark write: the wave's id, else the unit's, else the unit set's.
+            app_id = txn or (app_ids[0] if len(app_ids) == 1 else
+                             _batch_app_id_of(stage, app_ids) if app_ids else None)
+            result = self._write_delta_spark(name, df, mode, app_id, metadata, compression,
+                                             unit_ids=app_ids if len(app_ids) > 1 else None)
         else:
-            result = self._write_delta_rs(name, df, mode, app_ids, metadata, compression)
+            result = self._write_delta_rs(name, df, mode, app_ids + ([txn] if txn else []),
+                                          metadata, compression)
         result.committed_units = list(dict.fromkeys(units))
         log.info(
             "%s: %s %d rows in %d files -> version %s (%.1fs)",
@@ -319,17 +464,15 @@ class Lake:
                 f"cannot append to table '{name}' ({self.table_path(name)}): " + "; ".join(parts)
             )
 
-    def _write_delta_spark(self, name, df, mode, stage, app_ids, metadata, compression=None) -> CommitResult:
+    def _write_delta_spark(self, name, df, mode, app_id, metadata, compression=None,
+                           unit_ids: list[str] | None = None) -> CommitResult:
         writer = df.write.format("delta").mode(mode)
         if compression:
             writer = writer.option("compression", compression)
         user_meta = dict(metadata or {})
-        if app_ids:
-            user_meta["units"] = app_ids
-            if len(app_ids) == 1:  # the same txn delta-rs writes for a unit
-                app_id = app_ids[0]
-            else:
-                app_id = f"{stage}:batch:" + hashlib.sha1("\n".join(sorted(app_ids)).encode()).hexdigest()[:20]
+        if unit_ids:  # legacy multi-unit commit: its units, for committed_units
+            user_meta["units"] = unit_ids
+        if app_id:
             writer = writer.option("txnAppId", app_id).option("txnVersion", UNIT_VERSION)
         if user_meta:
             writer = writer.option("userMetadata", json.dumps(user_meta))
@@ -477,8 +620,7 @@ class Lake:
         if _is_local(full):
             meta = pq.read_metadata(_local_path(full))
         else:
-            import fsspec
-
+    
             fs, p = self.filesystem(full)
             with fs.open(p, "rb") as fh:
                 meta = pq.read_metadata(fh)

@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from download_server import MisbehavingServer  # noqa: E402
 
 from laion_spark.config import Config, DownloadConfig  # noqa: E402
-from laion_spark.download.job import run_download  # noqa: E402
+from laion_spark.download.job import current_images, run_download  # noqa: E402
 
 CANDIDATE_COLUMNS = ["uid", "url", "text", "page_url", "language", "language_prob", "language_group",
                      "source_file", "record_offset", "crawl", "fetch_time"]
@@ -42,7 +42,7 @@ def _cfg(tmp_path, **kw) -> Config:
     cfg = Config()
     cfg.download = DownloadConfig(**{**dict(allow_loopback=True, total_deadline_s=2.5, read_timeout_s=1.5,
                                             connect_timeout_s=1.5, threads_per_task=8, shard_size=4,
-                                            per_host_concurrency=8, shards_per_commit=2), **kw})
+                                            per_host_concurrency=8, max_shards_per_wave=2), **kw})
     return cfg
 
 
@@ -92,17 +92,24 @@ def test_job_downloads_resumes_and_grows(spark, lake, server, tmp_path):
     assert server.hits["/ok-1"] == 1
 
 
-def test_retry_failed_replaces_failed_rows(spark, lake, server, tmp_path):
+def test_retry_failed_appends_current_rows(spark, lake, server, tmp_path):
     rows = [(server.base + "/flaky-x", "flaky"), (server.base + "/ok-a", "fine"), (server.base + "/404", "gone")]
     lake.append("candidates", _candidates_df(spark, rows), stage="test", units=["c1"])
     run_download(spark, _cfg(tmp_path), lake)
     first = {r["url"].rsplit("/", 1)[1]: r["status"] for r in lake.read("images").collect()}
     assert first == {"flaky-x": "failed", "ok-a": "success", "404": "failed"}
+    files_before = {f["path"] for f in lake.file_stats("images")}
     summary = run_download(spark, _cfg(tmp_path, retry_failed=True), lake)
     assert summary["retried_rows"] == 2
-    after = {r["url"].rsplit("/", 1)[1]: r["status"] for r in lake.read("images").collect()}
+    # An append, not a rewrite: every earlier file is still live, two rows were added.
+    assert files_before <= {f["path"] for f in lake.file_stats("images")}
+    assert lake.read("images").count() == 5
+    after = {r["url"].rsplit("/", 1)[1]: r["status"] for r in current_images(lake).collect()}
     assert after == {"flaky-x": "success", "ok-a": "success", "404": "failed"}
     assert server.hits["/ok-a"] == 1
+    # A second retry fetches only the uid whose current row still failed.
+    again = run_download(spark, _cfg(tmp_path, retry_failed=True), lake)
+    assert again["retried_rows"] == 1 and server.hits["/ok-a"] == 1
 
 
 def test_export_webdataset_reads_back(spark, lake, server, tmp_path):

@@ -1,18 +1,27 @@
 """`laion-spark download`: the `candidates` table -> the `images` table.
 
-The Spark layer is thin: plan shards on the driver, run `downloader.download_batches` inside
-`mapInArrow` (one task per shard), commit each group of shards to Delta with the shard ids as
-units of work.
+The Spark layer is thin: a plan written once, then the wave runner (`laion_spark/waves.py`) runs
+`downloader.download_batches` inside `mapInArrow`, one task per shard, one commit per wave.
 
-Resume: the plan is "candidates whose uid is not in `images` yet", so rows of shards committed by
-an earlier (crashed or finished) run are never fetched again, and candidates added since become
-new shards. Shard ids continue after the highest id in `images`, so a shard id names one fixed
-set of rows for ever; two runs that plan from the same table versions plan the same shards, and
-the second commit of a shard is a no-op (Delta app transaction `download:<shard>`).
+* Plan: "candidates whose uid is not in `images` yet" (or, with `--retry-failed`, the uids whose
+  current row failed), each row given a shard id, written ONCE to `download_plan` with one file
+  per shard. A wave reads only its shards' plan files (Delta stats on the bare `shard` column),
+  so no wave scans the whole plan. Shard ids continue after the highest id in `images` and in the
+  plan, so a shard id names one fixed set of rows for ever.
+* Waves: task slots × `download.shards_per_slot` shards (capped by `max_shards_per_wave`), one
+  task per shard, so each `images` file holds one shard (score's reads skip every other file).
+* Commit order: `images` (the wave's Delta app id: a replayed wave commits nothing twice), then
+  `download_units` LAST (one row per shard: counts by status and error code; the resume record).
+  A new plan is made only when every shard of the last one is in `download_units`.
+* `--retry-failed` appends new rows under new shards, never rewrites `images`. The current row of
+  a uid is the one with the highest shard (`current_images`); readers that need one row per uid
+  use it. Only failed rows are retried, so a uid has at most one `success` row.
 """
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import json
 import logging
 import math
 import time
@@ -25,26 +34,16 @@ log = logging.getLogger(__name__)
 STAGE = "download"
 CANDIDATES = "candidates"
 IMAGES = "images"
+PLAN = "download_plan"
+UNITS = "download_units"
+PLAN_COLUMNS = ["uid", "url", "text", "language", "language_group", "shard"]
 
 
-class _TallyParam:
-    """Accumulator of {(status, error code): rows}: the run's counts, with no pass over the table."""
-
-    def zero(self, value: dict) -> dict:
-        return {}
-
-    def addInPlace(self, a: dict, b: dict) -> dict:
-        for k, v in b.items():
-            a[k] = a.get(k, 0) + v
-        return a
-
-
-def _download_fn(cfg: DownloadConfig, tally=None):
+def _download_fn(cfg: DownloadConfig):
     """The mapInArrow function: drop repeated uids (a uid's rows all land in one shard, so a set
-    per task is a full dedup with no shuffle of its own), download, count into `tally`."""
+    per task is a full dedup with no shuffle of its own), then download."""
     def run(batches):
         import pyarrow as pa
-        import pyarrow.compute as pc
 
         from laion_spark.download.downloader import download_batches
 
@@ -59,16 +58,7 @@ def _download_fn(cfg: DownloadConfig, tally=None):
                 if batch.num_rows:
                     yield batch
 
-        counts: dict = {}
-        for out in download_batches(unique(batches), cfg):
-            if tally is not None:
-                codes = pc.split_pattern(out.column("error"), ":", max_splits=1).to_pylist()
-                for status, code in zip(out.column("status").to_pylist(), codes):
-                    key = (status, code[0] if code else None)
-                    counts[key] = counts.get(key, 0) + 1
-            yield out
-        if tally is not None and counts:
-            tally.add(counts)
+        yield from download_batches(unique(batches), cfg)
 
     return run
 
@@ -90,15 +80,47 @@ def _by_partition_id(df, n_partitions: int, partition_id):
     return df.repartitionByRange(n, partition_id)
 
 
-def _download_df(df, cfg: DownloadConfig, n_partitions: int, partition_id=None, tally=None):
-    """Rows (with a `shard` column) -> the images rows: one exchange, one mapInArrow pass that
-    streams into the Parquet writer, one Spark task per partition."""
+def _shard_partition(shards: list[int]):
+    """Partition id of each row: the position of its shard in `shards` (one task per shard)."""
     from pyspark.sql import functions as F
 
-    if partition_id is None:  # retry: no shard plan, spread the rows evenly
-        partition_id = F.pmod(F.col("uid"), F.lit(max(1, n_partitions))).cast("int")
-    df = _by_partition_id(df, n_partitions, partition_id)
-    return df.mapInArrow(_download_fn(cfg, tally), _images_spark_schema())
+    pairs = []
+    for i, s in enumerate(shards):
+        pairs += [F.lit(int(s)), F.lit(i)]
+    return F.create_map(*pairs)[F.col("shard")]
+
+
+def _stats_shards(lake, name: str) -> list[int]:
+    """The shard ids of a table whose files each hold one shard, from the Delta stats (no job)."""
+    shards = set()
+    for f in lake.file_stats(name):
+        if not f.get("num_records"):
+            continue
+        lo, hi = (f.get("min") or {}).get("shard"), (f.get("max") or {}).get("shard")
+        if lo is None or hi is None:
+            raise RuntimeError(f"table '{name}': a file without shard stats")
+        shards.update(range(int(lo), int(hi) + 1))
+    return sorted(shards)
+
+
+def _stats_max_shard(lake, name: str) -> int | None:
+    """Highest `shard` in a table from the Delta stats (the Spark max() only if a file lacks them)."""
+    from pyspark.sql import functions as F
+
+    if not lake.exists(name):
+        return None
+    top = None
+    for f in lake.file_stats(name):
+        if (f.get("num_records") or 0) == 0:
+            continue
+        hi = (f.get("max") or {}).get("shard")
+        if hi is None:
+            if (f.get("null_count") or {}).get("shard") == f.get("num_records"):
+                continue
+            row = lake.read(name).agg(F.max("shard")).first()
+            return None if row[0] is None else int(row[0])
+        top = int(hi) if top is None else max(top, int(hi))
+    return top
 
 
 def _stats_rows(lake, name: str) -> int | None:
@@ -112,186 +134,156 @@ def _stats_rows(lake, name: str) -> int | None:
     return total
 
 
-def _stats_max_shard(lake) -> int | None:
-    """Highest `shard` in `images` from the Delta stats (the Spark max() only if a file lacks them)."""
+def current_images(lake):
+    """The current row of every uid in `images`: the one with the highest shard (a retry appends
+    a new row under a new shard; the old one stays for history)."""
     from pyspark.sql import functions as F
 
-    top = None
-    for f in lake.file_stats(IMAGES):
-        if (f.get("num_records") or 0) == 0:
-            continue
-        hi = (f.get("max") or {}).get("shard")
-        if hi is None:
-            if (f.get("null_count") or {}).get("shard") == f.get("num_records"):
-                continue
-            row = lake.read(IMAGES).agg(F.max("shard")).first()
-            return None if row[0] is None else int(row[0])
-        top = int(hi) if top is None else max(top, int(hi))
-    return top
+    images = lake.read(IMAGES)
+    cols = [c for c in images.columns if c != "uid"]
+    return (images.groupBy("uid").agg(F.max_by(F.struct(*cols), F.col("shard")).alias("_r"))
+            .select("uid", *[F.col(f"_r.{c}").alias(c) for c in cols]).select(*images.columns))
 
 
-def plan_pending(spark, lake, cfg: DownloadConfig):
-    """(candidates not yet in images, with a shard id; number of rows; first shard id; shard count).
+def plan_pending(spark, lake, cfg: DownloadConfig, retry_failed: bool = False):
+    """(rows to download with a shard id, row count, first shard id, shard count).
 
-    The row count that sizes the shards costs no Spark job on a first run (the candidates' Delta
-    stats); a resume counts the left anti-join once. Repeated uids are dropped inside the download
-    task (a uid's rows share a shard), so planning adds no shuffle. Shard ids start after the
-    highest shard in `images` and after any id already committed as a unit (a shard that came
-    out empty leaves no row but does leave its unit)."""
+    New candidates: the candidates whose uid has no `images` row (the row count costs no job on
+    a first run: the candidates' Delta stats). Retry: the uids whose current row failed."""
     from pyspark.sql import functions as F
 
-    candidates = lake.read(CANDIDATES).select("uid", "url", "text", "language", "language_group")
-    base = 0
-    n_rows = None
-    if lake.exists(IMAGES):
-        images = lake.read(IMAGES)
-        candidates = candidates.join(images.select("uid"), "uid", "left_anti")
-        top = _stats_max_shard(lake)
-        base = 0 if top is None else top + 1
-        n_rows = candidates.count()
+    base = max([-1] + [s for s in (_stats_max_shard(lake, IMAGES), _stats_max_shard(lake, PLAN))
+                       if s is not None]) + 1
+    if retry_failed:
+        rows = (current_images(lake).filter(F.col("status") == "failed")
+                .select(*PLAN_COLUMNS[:-1]))
+        n_rows = rows.count()
     else:
-        n_rows = _stats_rows(lake, CANDIDATES)
-        if n_rows is None:
-            n_rows = candidates.count()
-    while lake.committed_units(IMAGES, STAGE, [str(base)]):
-        base += 1
+        rows = lake.read(CANDIDATES).select(*PLAN_COLUMNS[:-1])
+        if lake.exists(IMAGES):
+            rows = rows.join(lake.read(IMAGES).select("uid"), "uid", "left_anti")
+            n_rows = rows.count()
+        else:
+            n_rows = _stats_rows(lake, CANDIDATES)
+            if n_rows is None:
+                n_rows = rows.count()
     n_shards = max(1, math.ceil(n_rows / max(1, cfg.shard_size)))
-    pending = candidates.withColumn(
-        "shard", (F.lit(base) + F.pmod(F.col("uid"), F.lit(n_shards))).cast("int"))
+    pending = rows.withColumn("shard", (F.lit(base) + F.pmod(F.col("uid"), F.lit(n_shards))).cast("int"))
     return pending, n_rows, base, n_shards
 
 
-def _run_waves(lake, dcfg: DownloadConfig, pending, waves: list[list[int]], tally, summary: dict,
-               phases: dict, t: float) -> None:
-    """One Spark write + one Delta commit per wave of shards (the resume granularity)."""
+def write_plan(spark, lake, cfg: DownloadConfig, retry_failed: bool = False) -> dict:
+    """Plan the next shards (new candidates or failed rows) into `download_plan`, one file per
+    shard; a no-op when there is nothing to download."""
+    pending, n_rows, base, n_shards = plan_pending(spark, lake, cfg, retry_failed)
+    info = {"planned_rows": n_rows, "first_shard": base, "planned_shards": 0}
+    if n_rows == 0:
+        return info
     from pyspark.sql import functions as F
 
-    for wave in waves:
-        wave_started = time.time()
-        # partition id = shard - first shard of the wave: one task per shard, no sampling
-        rows = pending.filter(F.col("shard").isin(wave))
-        df = _download_df(rows, dcfg, wave[-1] - wave[0] + 1,
-                          (F.col("shard") - F.lit(wave[0])).cast("int"), tally)
-        result = lake.append(IMAGES, df, stage=STAGE, units=[str(s) for s in wave],
-                             metadata={"stage": STAGE, "shards": wave}, compression=dcfg.compression)
-        summary["committed_shards"] += len(result.committed_units)
-        summary["pending_rows"] += result.rows
-        log.info("download: shards %s committed (%d rows, %.1fs)", wave, result.rows,
-                 time.time() - wave_started)
-        t = _timed(phases, "download_write_commit", t)
+    per_shard = _by_partition_id(pending, n_shards, (F.col("shard") - F.lit(base)).cast("int"))
+    lake.overwrite(PLAN, per_shard, stage=STAGE,
+                   metadata={"stage": STAGE, "first_shard": base, "shards": n_shards,
+                             "retry_failed": retry_failed})
+    info["planned_shards"] = n_shards
+    log.info("download: planned %d rows in %d shards (ids %d..%d)%s", n_rows, n_shards, base,
+             base + n_shards - 1, " (retry of failed rows)" if retry_failed else "")
+    return info
 
 
-def _timed(phases: dict, name: str, started: float) -> float:
-    now = time.time()
-    phases[name] = round(phases.get(name, 0.0) + now - started, 3)
-    log.info("download: phase %s done (%.2fs)", name, now - started, extra={"phase": name})
-    return now
+def _unit_schema():
+    from pyspark.sql import types as T
+
+    return T.StructType([
+        T.StructField("shard", T.IntegerType()), T.StructField("n_rows", T.LongType()),
+        T.StructField("n_success", T.LongType()), T.StructField("n_failed", T.LongType()),
+        T.StructField("n_skipped", T.LongType()), T.StructField("errors", T.StringType()),
+        T.StructField("committed_at", T.TimestampType()),
+    ])
 
 
-def run_download(spark, cfg: Config, lake) -> dict:
+def download_stage(spark, cfg: Config, lake, shards: list[int], errors: dict):
+    """The WaveStage of download: units are plan shards, unit rows go to `download_units`."""
+    from pyspark.sql import functions as F
+
+    from laion_spark.waves import WaveStage
+
+    dcfg = cfg.download
+
+    def rows(units):
+        wave = [int(u) for u in units]
+        plan = lake.read(PLAN, where_in={"shard": wave})
+        df = _by_partition_id(plan, len(wave), _shard_partition(wave))
+        return df.mapInArrow(_download_fn(dcfg), _images_spark_schema())
+
+    def commit(lake, df, units, txn):
+        wave = [int(u) for u in units]
+        res = lake.append(IMAGES, df, stage=STAGE, txn=txn, compression=dcfg.compression,
+                          metadata={"stage": STAGE, "shards": f"{wave[0]}..{wave[-1]}"})
+        # Per-shard counts from the wave's own images files (two small columns, stats skipping).
+        code = F.split("error", ":").getItem(0)
+        got = (lake.read(IMAGES, where_in={"shard": wave}).groupBy("shard", "status", code.alias("code"))
+               .count().collect())  # at most shards × (statuses + codes) rows: bounded by the wave
+        per: dict = {}
+        for r in got:
+            u = per.setdefault(int(r["shard"]), {"n_rows": 0, "success": 0, "failed": 0,
+                                                 "skipped": 0, "errors": {}})
+            u["n_rows"] += r["count"]
+            u[r["status"]] = u.get(r["status"], 0) + r["count"]
+            if r["code"] is not None:
+                u["errors"][r["code"]] = u["errors"].get(r["code"], 0) + r["count"]
+                errors[r["code"]] = errors.get(r["code"], 0) + r["count"]
+        now = dt.datetime.now(dt.timezone.utc)
+        unit_rows = [(s, u["n_rows"], u["success"], u["failed"], u["skipped"],
+                      json.dumps(u["errors"], sort_keys=True), now)
+                     for s in wave for u in [per.get(s, {"n_rows": 0, "success": 0, "failed": 0,
+                                                         "skipped": 0, "errors": {}})]]
+        return (spark.createDataFrame(unit_rows, _unit_schema()),
+                res.rows if res.version is not None else None)
+
+    return WaveStage(name=STAGE, table=UNITS, unit_column="shard", units=lambda: [str(s) for s in shards],
+                     rows=rows, commit=commit, units_per_slot=dcfg.shards_per_slot,
+                     rows_column="n_rows", failed_column="n_failed",
+                     sum_columns=("n_success", "n_skipped"))
+
+
+def run_download(spark, cfg: Config, lake, *, max_waves: int | None = None) -> dict:
     """Download every candidate not in `images` yet (or, with retry_failed, the failed rows)."""
-    from pyspark import StorageLevel
+    from laion_spark.waves import run_waves
 
     dcfg = cfg.download
     started = time.time()
     if not lake.exists(CANDIDATES):
         raise RuntimeError(f"table '{CANDIDATES}' not found under {lake.root}: run `laion-spark extract` first")
-    if dcfg.retry_failed and lake.exists(IMAGES):
-        return _retry_failed(spark, cfg, lake, started)
-    phases: dict = {}
-    t = started
-    pending, n_rows, base, n_shards = plan_pending(spark, lake, dcfg)
-    t = _timed(phases, "plan", t)
-    summary: dict = {"candidates_version": lake.version(CANDIDATES), "planned_rows": n_rows,
-                     "pending_rows": 0, "shards": 0, "committed_shards": 0, "skipped_shards": 0,
-                     "phases": phases}
-    if n_rows == 0:
-        log.info("download: every candidate already has a row in '%s'", IMAGES)
-        summary.update(_counts(lake, []))
-        return summary
-    shard_ids = list(range(base, base + n_shards))
-    summary["shards"] = n_shards
-    todo = [int(u) for u in lake.pending_units(IMAGES, STAGE, [str(s) for s in shard_ids])]
-    summary["skipped_shards"] = n_shards - len(todo)
-    per_commit = max(1, dcfg.shards_per_commit)
-    log.info("download: %d rows in %d shards (ids %d..%d), %d to do, %d per commit",
-             n_rows, n_shards, base, base + n_shards - 1, len(todo), per_commit)
-    tally = spark.sparkContext.accumulator({}, _TallyParam())
-    waves = [todo[i:i + per_commit] for i in range(0, len(todo), per_commit)]
-    if len(waves) > 1:  # each wave filters the plan: read and anti-join the candidates once
-        pending = pending.persist(StorageLevel.MEMORY_AND_DISK)
-    t = _timed(phases, "units", t)
-    try:
-        _run_waves(lake, dcfg, pending, waves, tally, summary, phases, t)
-    finally:
-        if len(waves) > 1:
-            pending.unpersist()
-    counts: dict = {"success": 0, "failed": 0, "skipped": 0, "errors": {}}
-    for (status, code), n in tally.value.items():
-        counts[status] = counts.get(status, 0) + n
-        if code is not None:
-            counts["errors"][code] = counts["errors"].get(code, 0) + n
-    counts["errors"] = dict(sorted(counts["errors"].items(), key=lambda kv: -kv[1]))
-    summary.update(counts)
+    retry = bool(dcfg.retry_failed and lake.exists(IMAGES))
+    summary: dict = {"mode": "retry_failed" if retry else "new", "planned_rows": 0}
+    shards = _stats_shards(lake, PLAN) if lake.exists(PLAN) else []
+    done = lake.done_units(UNITS, "shard")
+    if all(str(s) in done for s in shards) and not lake.open_waves(STAGE):
+        info = write_plan(spark, lake, dcfg, retry)  # the last plan is done: plan what is new
+        summary["planned_rows"] = info["planned_rows"]
+        shards = _stats_shards(lake, PLAN) if info["planned_shards"] else []
+    errors: dict = {}
+    stage = download_stage(spark, cfg, lake, shards, errors)
+    w = run_waves(spark, lake, stage, max_units_per_wave=dcfg.max_shards_per_wave, max_waves=max_waves)
     elapsed = time.time() - started
-    summary["seconds"] = round(elapsed, 2)
-    summary["rows_per_s"] = round(summary["pending_rows"] / max(elapsed, 1e-9), 1)
+    summary.update({
+        "shards": len(shards), "committed_shards": w["units_done"], "skipped_shards": w["units_skipped"],
+        "pending_shards": w["units_pending"], "waves": w["waves"], "wave_size": w["wave_size"],
+        "pending_rows": w["rows"], "success": w["n_success"], "failed": w["failed"],
+        "skipped": w["n_skipped"], "errors": dict(sorted(errors.items(), key=lambda kv: -kv[1])),
+        "seconds": round(elapsed, 2), "rows_per_s": round(w["rows"] / max(elapsed, 1e-9), 1),
+    })
+    if retry:
+        summary["retried_rows"] = w["rows"]
     return summary
-
-
-def _retry_failed(spark, cfg: Config, lake, started: float) -> dict:
-    """Download the `failed` rows again and rewrite `images` with the new rows in their place."""
-    from pyspark import StorageLevel
-    from pyspark.sql import functions as F
-
-    dcfg = cfg.download
-    images = lake.read(IMAGES)
-    version = lake.version(IMAGES)
-    failed = images.filter(F.col("status") == "failed").select(
-        "uid", "url", "text", "language", "language_group", "shard")
-    n_rows = failed.count()
-    summary: dict = {"mode": "retry_failed", "images_version": version, "retried_rows": n_rows}
-    if n_rows == 0:
-        summary.update(_counts(lake, []))
-        return summary
-    n_parts = max(1, math.ceil(n_rows / max(1, dcfg.shard_size)))
-    fresh = _download_df(failed, dcfg, n_parts).persist(StorageLevel.MEMORY_AND_DISK)
-    try:
-        fresh.count()  # download once, before the rewrite reads it
-        keep = images.join(fresh.select("uid"), "uid", "left_anti")
-        lake.overwrite(IMAGES, keep.unionByName(fresh), stage=STAGE, units=[f"retry:v{version}"],
-                       compression=dcfg.compression,
-                       metadata={"stage": STAGE, "retry_failed_of_version": version})
-    finally:
-        fresh.unpersist()
-    summary.update(_counts(lake, []))
-    summary["seconds"] = round(time.time() - started, 2)
-    return summary
-
-
-def _counts(lake, shards: list[int]) -> dict:
-    """Status counts (of these shards, or the whole table) and the most frequent error codes."""
-    from pyspark.sql import functions as F
-
-    if not lake.exists(IMAGES):
-        return {"success": 0, "failed": 0, "skipped": 0}
-    df = lake.read(IMAGES).select("status", "error", "shard")
-    if shards:
-        df = df.filter(F.col("shard").between(min(shards), max(shards)))
-    out: dict = {"success": 0, "failed": 0, "skipped": 0, "errors": {}}
-    code = F.split("error", ":").getItem(0).alias("code")
-    for row in df.groupBy("status", code).count().collect():  # one pass for both tallies
-        out[row["status"]] = out.get(row["status"], 0) + int(row["count"])
-        if row["code"] is not None:
-            out["errors"][row["code"]] = out["errors"].get(row["code"], 0) + int(row["count"])
-    out["errors"] = dict(sorted(out["errors"].items(), key=lambda kv: -kv[1]))
-    return out
 
 
 # --------------------------------------------------------------------------- CLI and demo
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retry-failed", action="store_true",
-                        help="download the failed rows of `images` again and replace them")
+                        help="download the failed rows of `images` again (new rows under new shards; "
+                             "the newest row of a uid is its current one)")
     parser.add_argument("--threads", type=int, default=None, help="download threads per Spark task")
     parser.add_argument("--shard-size", type=int, default=None, help="candidates per shard (one task)")
     parser.add_argument("--allow-loopback", action="store_true",

@@ -779,17 +779,19 @@ def open_input(path: str):
     return fsspec.open(path, "rb").open()
 
 
-def extract_file_batches(path: str, cfg: ExtractConfig) -> Iterator[pa.RecordBatch]:
+def extract_file_batches(path: str, cfg: ExtractConfig, opener=None) -> Iterator[pa.RecordBatch]:
     """Stream one WARC or WAT file: candidate rows, a failure row per bad spot, then one `file` row.
 
     Never raises for bad input: a file that cannot even be opened gives one failure row and a
-    file row with zero counts (so a re-run does not retry a file that is simply broken)."""
+    file row with zero counts (so a re-run does not retry a file that is simply broken).
+    `opener(path)` replaces `open_input` (the Spark job wraps the stream to spot transient I/O
+    errors, which it retries instead of keeping their failure rows)."""
     started = time.perf_counter()
     builder = _BatchBuilder(cfg.batch_rows)
     extractor = FileExtractor(path, cfg, builder)
     counts = extractor.counts
     try:
-        stream = open_input(path)
+        stream = (opener or open_input)(path)
     except Exception as exc:  # noqa: BLE001
         builder.add(extractor.failure_row(-1, f"cannot_open: {type(exc).__name__}: {exc}"))
         builder.add(extractor.file_row(time.perf_counter() - started))
