@@ -90,17 +90,20 @@ def _shard_partition(shards: list[int]):
     return F.create_map(*pairs)[F.col("shard")]
 
 
-def _stats_shards(lake, name: str) -> list[int]:
-    """The shard ids of a table whose files each hold one shard, from the Delta stats (no job)."""
-    shards = set()
-    for f in lake.file_stats(name):
+def _plan_shards(lake) -> list[int]:
+    """The shard ids of the current plan: min..max of its files' Delta stats (no Spark job). A
+    shard that pmod left empty is still a unit: its wave writes no images row and its
+    `download_units` row says 0 rows."""
+    lo = hi = None
+    for f in lake.file_stats(PLAN):
         if not f.get("num_records"):
             continue
-        lo, hi = (f.get("min") or {}).get("shard"), (f.get("max") or {}).get("shard")
-        if lo is None or hi is None:
-            raise RuntimeError(f"table '{name}': a file without shard stats")
-        shards.update(range(int(lo), int(hi) + 1))
-    return sorted(shards)
+        a, b = (f.get("min") or {}).get("shard"), (f.get("max") or {}).get("shard")
+        if a is None or b is None:
+            raise RuntimeError(f"table '{PLAN}': a file without shard stats")
+        lo = int(a) if lo is None else min(lo, int(a))
+        hi = int(b) if hi is None else max(hi, int(b))
+    return [] if lo is None else list(range(lo, hi + 1))
 
 
 def _stats_max_shard(lake, name: str) -> int | None:
@@ -174,15 +177,21 @@ def plan_pending(spark, lake, cfg: DownloadConfig, retry_failed: bool = False):
 
 def write_plan(spark, lake, cfg: DownloadConfig, retry_failed: bool = False) -> dict:
     """Plan the next shards (new candidates or failed rows) into `download_plan`, one file per
-    shard; a no-op when there is nothing to download."""
+    wave of consecutive shards; a no-op when there is nothing to download."""
     pending, n_rows, base, n_shards = plan_pending(spark, lake, cfg, retry_failed)
     info = {"planned_rows": n_rows, "first_shard": base, "planned_shards": 0}
     if n_rows == 0:
         return info
     from pyspark.sql import functions as F
 
-    per_shard = _by_partition_id(pending, n_shards, (F.col("shard") - F.lit(base)).cast("int"))
-    lake.overwrite(PLAN, per_shard, stage=STAGE,
+    from laion_spark.waves import task_slots, wave_size
+
+    # One file per wave-sized run of consecutive shards (the wave size of today's cluster): a wave
+    # reads the plan files whose shard range meets its own (one, or two if the cluster changed).
+    chunk = wave_size(task_slots(spark), cfg.shards_per_slot, cfg.max_shards_per_wave)
+    n_files = math.ceil(n_shards / chunk)
+    per_wave = _by_partition_id(pending, n_files, ((F.col("shard") - F.lit(base)) / F.lit(chunk)).cast("int"))
+    lake.overwrite(PLAN, per_wave.sortWithinPartitions("shard"), stage=STAGE,
                    metadata={"stage": STAGE, "first_shard": base, "shards": n_shards,
                              "retry_failed": retry_failed})
     info["planned_shards"] = n_shards
@@ -257,12 +266,12 @@ def run_download(spark, cfg: Config, lake, *, max_waves: int | None = None) -> d
         raise RuntimeError(f"table '{CANDIDATES}' not found under {lake.root}: run `laion-spark extract` first")
     retry = bool(dcfg.retry_failed and lake.exists(IMAGES))
     summary: dict = {"mode": "retry_failed" if retry else "new", "planned_rows": 0}
-    shards = _stats_shards(lake, PLAN) if lake.exists(PLAN) else []
+    shards = _plan_shards(lake) if lake.exists(PLAN) else []
     done = lake.done_units(UNITS, "shard")
     if all(str(s) in done for s in shards) and not lake.open_waves(STAGE):
         info = write_plan(spark, lake, dcfg, retry)  # the last plan is done: plan what is new
         summary["planned_rows"] = info["planned_rows"]
-        shards = _stats_shards(lake, PLAN) if info["planned_shards"] else []
+        shards = _plan_shards(lake) if info["planned_shards"] else []
     errors: dict = {}
     stage = download_stage(spark, cfg, lake, shards, errors)
     w = run_waves(spark, lake, stage, max_units_per_wave=dcfg.max_shards_per_wave, max_waves=max_waves)

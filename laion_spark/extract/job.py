@@ -146,7 +146,13 @@ def extract_file_retrying(path: str, ecfg, last_attempt: bool = True):
     delay = ecfg.transient_backoff_s
     for attempt in range(ecfg.transient_retries + 1):
         watch = _Watch()
-        batches = list(extract_file_batches(path, ecfg, opener=watch.open))
+        try:
+            batches = list(extract_file_batches(path, ecfg, opener=watch.open))
+        except Exception as exc:  # noqa: BLE001 - the core raises only for what it cannot row
+            if not (watch.transient or is_transient(exc)):
+                raise
+            watch.transient = watch.transient or exc
+            batches = []
         if watch.transient is None:
             yield from batches
             return

@@ -129,8 +129,10 @@ def score_stage(spark, cfg, lake, shards: list[str], score_partition, out_schema
 
     from laion_spark.waves import WaveStage
 
+    from laion_spark.lake import _spark_schema_from_arrow
+
     sc = cfg.score
-    shard_field = lake.read(INPUT_TABLE).schema["shard"]
+    shard_field = _spark_schema_from_arrow(lake.arrow_schema(INPUT_TABLE))["shard"]
     is_int = isinstance(shard_field.dataType, (T.IntegerType, T.LongType, T.ShortType))
 
     def typed(units):
@@ -164,6 +166,7 @@ def score_stage(spark, cfg, lake, shards: list[str], score_partition, out_schema
 
 def run_score(spark, cfg, lake, *, max_waves: int | None = None) -> dict:
     """Score every images shard not yet in `score_units`, wave by wave; returns counts and rates."""
+    from laion_spark.lake import _spark_schema_from_arrow
     from laion_spark.score.models import bundle_from_config
     from laion_spark.score.scorer import pairs_schema
     from laion_spark.waves import run_waves
@@ -179,12 +182,12 @@ def run_score(spark, cfg, lake, *, max_waves: int | None = None) -> dict:
     if all(s in done for s in shards) and not lake.open_waves(STAGE):
         log.info("score: all %d shards already in %s", len(shards), UNITS)
         return summary
-    images = lake.read(INPUT_TABLE)
+    images_schema = _spark_schema_from_arrow(lake.arrow_schema(INPUT_TABLE))  # no listing job
     bundle = bundle_from_config(sc)
     key = bundle.key
     broadcast = spark.sparkContext.broadcast(bundle)
     del bundle
-    out_schema = _spark_schema(pairs_schema(_arrow_schema(images.schema)))
+    out_schema = _spark_schema(pairs_schema(_arrow_schema(images_schema)))
     stage = score_stage(spark, cfg, lake, shards, make_partition_scorer(key, broadcast, sc), out_schema)
     try:
         w = run_waves(spark, lake, stage, max_units_per_wave=sc.max_shards_per_wave, max_waves=max_waves)
