@@ -56,7 +56,11 @@ def _fake_failed_attempt(table_dir, folder, hours_old):
     return base
 
 
-def test_maintain_keeps_rows_units_and_cleans(spark, lake):
+def test_maintain_keeps_rows_units_and_cleans(spark, tmp_path):
+    """delta-rs: its staging folders, codec-keeping compaction and z-order file ranges."""
+    from conftest import make_lake
+
+    lake = make_lake(spark, str(tmp_path / "lake"), "delta-rs")
     _append_waves(spark, lake, "candidates", waves=5, per_wave=4000)
     _append_waves(spark, lake, "images", waves=3)
     table_dir = lake.table_path("candidates")
@@ -112,14 +116,21 @@ def test_maintain_keeps_rows_units_and_cleans(spark, lake):
     assert _rows(lake, "images") == before["images"]
 
 
-def test_maintain_default_retention_keeps_time_travel(spark, lake):
+def test_maintain_default_retention_keeps_time_travel(spark, tmp_path, each_backend):
+    """Both backends: compaction keeps rows and units, the default retention keeps old versions."""
+    from conftest import make_lake
+
+    lake = make_lake(spark, str(tmp_path / "lake"), each_backend)
     _append_waves(spark, lake, "t", waves=3)
     v_before = lake.version("t")
+    rows = _rows(lake, "t")
     first = sorted(tuple(r) for r in lake.read("t", version=0).collect())
     out = run_maintain(spark, lake.cfg, lake, tables=["t"])  # 168 h retention
-    assert out["t"]["files_vacuumed"] == 0 and out["t"]["files_after"] == 1
+    assert out["t"]["files_vacuumed"] == 0 and out["t"]["files_after"] == 1 and out["t"]["files_before"] == 6
+    assert _rows(lake, "t") == rows
     assert sorted(tuple(r) for r in lake.read("t", version=0).collect()) == first
     assert lake.version("t") > v_before
+    assert lake.pending_units("t", "t", ["w0", "w2", "w3"]) == ["w3"]
 
 
 def test_maintain_cli_and_unknown_table(spark, lake):
