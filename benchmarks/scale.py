@@ -181,10 +181,13 @@ def report(results: list[dict]) -> str:
         xs = [float(r["units"].get(unit, 0)) for r in results]
         for metric in ("jobs", "tasks", "files_read", "commits", "driver_python_peak_mb", "jvm_peak_mb", "wall_s"):
             ys = [float(r["stages"].get(stage, {}).get(metric, 0)) for r in results]
-            a, b = _fit(xs, ys)
-            at = a + b * LAION[laion_unit]
-            lines.append(f"| {stage} | {metric} | " + " | ".join(f"{y:g}" for y in ys)
-                         + f" | {b:.3g} per {unit[:-1] if unit.endswith('s') else unit} | {at:.3g} |")
+            row = f"| {stage} | {metric} | " + " | ".join(f"{y:g}" for y in ys)
+            if metric in ("jobs", "tasks", "files_read", "commits"):  # counts: linear in units
+                a, b = _fit(xs, ys)
+                row += f" | {b:.3g} per {unit.rstrip('s')} | {a + b * LAION[laion_unit]:.3g} |"
+            else:  # memory and time at these sizes are fixed costs: shown, not extrapolated
+                row += " | - | - |"
+            lines.append(row)
     units = " ; ".join(f"{r['size']}x: " + ", ".join(f"{k}={v}" for k, v in r["units"].items()) for r in results)
     return "\n".join(lines) + "\n\nunits: " + units
 
