@@ -298,14 +298,18 @@ def create_app(spec: ServeSpec):
                       "retrieved": result.retrieved, "returned": len(result.rows),
                       "query_kind": result.query_kind, "timings_ms": result.timings_ms})
 
+    async def read_ids(request: Request, limit: int):
+        """(body, index folder, checked ids) of an `{indice_name, ids}` request."""
+        body = await read_json(request)
+        if not isinstance(body, dict):
+            raise QueryError("bad_request", "the body must be a JSON object")
+        folder = svc.folder(body.get("indice_name"))
+        return body, folder, search.check_ids(body.get("ids"), folder, limit)
+
     @app.post("/metadata", summary="clip-retrieval's metadata by ids (infinite scroll)")
     async def metadata(request: Request):
         try:
-            body = await read_json(request)
-            if not isinstance(body, dict):
-                raise QueryError("bad_request", "the body must be a JSON object")
-            folder = svc.folder(body.get("indice_name"))
-            ids = search.check_ids(body.get("ids"), folder, cfg.max_metadata_ids)
+            _, folder, ids = await read_ids(request, cfg.max_metadata_ids)
         except QueryError as exc:
             return error(exc)
         rows = await run_in_threadpool(search.rows_for, folder, ids)
@@ -355,11 +359,7 @@ def create_app(spec: ServeSpec):
     @app.post("/api/export", summary="a subset of ids as Parquet, an img2dataset CSV or SQL")
     async def api_export(request: Request):
         try:
-            body = await read_json(request)
-            if not isinstance(body, dict):
-                raise QueryError("bad_request", "the body must be a JSON object")
-            folder = svc.folder(body.get("indice_name"))
-            ids = search.check_ids(body.get("ids"), folder, cfg.export_max_rows)
+            body, folder, ids = await read_ids(request, cfg.export_max_rows)
             fmt = body.get("format", "parquet")
             sims = body.get("similarities")
             if fmt not in ("parquet", "img2dataset", "sql"):
