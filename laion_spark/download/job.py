@@ -58,7 +58,9 @@ def _download_fn(cfg: DownloadConfig):
                 if batch.num_rows:
                     yield batch
 
-        yield from download_batches(unique(batches), cfg)
+        from laion_spark.batches import bounded_batches  # image rows: bounded in bytes, not only rows
+
+        yield from bounded_batches(download_batches(unique(batches), cfg))
 
     return run
 
