@@ -140,3 +140,24 @@ def test_spark_arrow_batches_bounded_in_bytes(spark):
         spark.conf.set("spark.sql.execution.arrow.maxBytesPerBatch", str(ARROW_MAX_BYTES_PER_BATCH))
     assert sum(r["rows"] for r in got) == 24 and len(got) >= 8
     assert max(r["bytes"] for r in got) <= 4 << 20
+
+
+def test_export_to_object_storage(spark, lake, s3_server):
+    """The same tasks write straight to s3:// (moto on 127.0.0.1); a re-run writes nothing."""
+    import fsspec
+
+    expected = _images(spark, lake, shards=2, per_shard=4)
+    out = s3_server.make_bucket("wds") + "/export"
+    summary = export_webdataset(lake, out, storage_options=s3_server.fsspec_options, partitions=2)
+    assert summary["shards"] == 2 and summary["samples"] == len(expected) == 6
+    fs = fsspec.filesystem("s3", **s3_server.fsspec_options)
+    names = sorted(p.rsplit("/", 1)[1] for p in fs.ls(out[5:]))
+    assert names == ["00000.parquet", "00000.tar", "00000_stats.json", "00001.parquet", "00001.tar",
+                     "00001_stats.json"]
+    with fs.open(f"{out[5:]}/00001.tar", "rb") as f:
+        data = f.read()
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        keys = sorted(n.rsplit(".", 1)[0] for n in tar.getnames() if n.endswith(".json"))
+    assert keys == sorted(sample_key(u) for u, r in expected.items() if r[6] == 1)
+    again = export_webdataset(lake, out, storage_options=s3_server.fsspec_options, partitions=2)
+    assert again["samples"] == 0
