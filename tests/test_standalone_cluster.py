@@ -35,7 +35,7 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("java") is None and not os.environ.get("JAVA_HOME"),
                        reason="a standalone cluster needs java"),
     # 10 JVM starts (master, 2 workers, 8 drivers) plus 15 executors: minutes on 2 busy cores
-    pytest.mark.timeout(1500),
+    pytest.mark.timeout(2100),
 ]
 
 
