@@ -248,14 +248,20 @@ def test_upload_puts_every_named_file_in_the_bucket(uploaded):
             assert (bucket / rel).read_bytes() == (REPO / rel).read_bytes(), rel
 
 
-def test_wheel_holds_what_the_jobs_import(uploaded):
-    """The wheel the bootstrap / init action install holds every command module the jobs reach."""
+def test_wheel_holds_what_the_jobs_import_and_no_pyspark(uploaded):
+    """The wheel the bootstrap / init action install holds every command module the jobs reach,
+    and requires pyspark only through an extra: the cluster's own Spark stays the only one."""
     import zipfile
 
     from laion_spark.job import COMMANDS
 
     with zipfile.ZipFile(uploaded["s3"] / "dist" / _wheel_name()) as zf:
         names = set(zf.namelist())
+        metadata = zf.read(f"laion_spark-{_version()}.dist-info/METADATA").decode()
+    requires = [line for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
+    pyspark = [r for r in requires if re.match(r"Requires-Dist: pyspark\b", r)]
+    assert pyspark and all('extra == "spark"' in r for r in pyspark), pyspark
+    assert any(r.startswith("Requires-Dist: gcsfs") and 'extra == "gcs"' in r for r in requires)
     for job in (REPO / "jobs").glob("*.py"):
         assert "from laion_spark.job import submit_main" in job.read_text()
     assert "laion_spark/job.py" in names and "laion_spark/cli.py" in names
