@@ -304,7 +304,9 @@ def test_driver_memory_stays_bounded_on_2m_vectors(spark, lake, tmp_path, monkey
     grown = rss.peak - rss.start
     print(f"driver RSS: start {rss.start / 2**20:.0f} MiB, peak {rss.peak / 2**20:.0f} MiB, "
           f"grown {grown / 2**20:.0f} MiB; largest Spark result {max(biggest)} rows")
-    assert rss.peak < 1.5 * 2 ** 30
+    # The bound is on growth: in the whole suite this pytest process already holds torch, the serve
+X
+    # an absolute bound would measure the tests run before, not this build; alone: 239 -> 356 MiB.
     assert grown < 200 * 2 ** 20  # sample (65k × 2 × 64 B) + trained index + merge buffers
     recall = json.loads(open(os.path.join(summary["output"], "recall.json")).read())
     assert recall["indices"]["image"]["image_queries"]["recall@10"] > 0.5
