@@ -72,16 +72,6 @@ def _images_spark_schema():
     return _spark_schema_from_arrow(IMAGES_SCHEMA)
 
 
-def _by_partition_id(df, n_partitions: int, partition_id):
-    """One exchange that sends each row to partition `partition_id` (no sampling job).
-
-    Spark >= 4.1 has repartitionById; older Sparks range-partition (one small sampling job)."""
-    n = max(1, n_partitions)
-    if hasattr(df, "repartitionById"):
-        return df.repartitionById(n, partition_id)
-    return df.repartitionByRange(n, partition_id)
-
-
 def _shard_partition(shards: list[int]):
     """Partition id of each row: the position of its shard in `shards` (one task per shard)."""
     from pyspark.sql import functions as F
@@ -186,13 +176,14 @@ def write_plan(spark, lake, cfg: DownloadConfig, retry_failed: bool = False) -> 
         return info
     from pyspark.sql import functions as F
 
+    from laion_spark.spark import repartition_by_id
     from laion_spark.waves import task_slots, wave_size
 
     # One file per wave-sized run of consecutive shards (the wave size of today's cluster): a wave
     # reads the plan files whose shard range meets its own (one, or two if the cluster changed).
     chunk = wave_size(task_slots(spark), cfg.shards_per_slot, cfg.max_shards_per_wave)
     n_files = math.ceil(n_shards / chunk)
-    per_wave = _by_partition_id(pending, n_files, ((F.col("shard") - F.lit(base)) / F.lit(chunk)).cast("int"))
+    per_wave = repartition_by_id(pending, n_files, ((F.col("shard") - F.lit(base)) / F.lit(chunk)).cast("int"))
     lake.overwrite(PLAN, per_wave.sortWithinPartitions("shard"), stage=STAGE,
                    metadata={"stage": STAGE, "first_shard": base, "shards": n_shards,
                              "retry_failed": retry_failed})
@@ -217,6 +208,7 @@ def download_stage(spark, cfg: Config, lake, shards: list[int], errors: dict):
     """The WaveStage of download: units are plan shards, unit rows go to `download_units`."""
     from pyspark.sql import functions as F
 
+    from laion_spark.spark import repartition_by_id
     from laion_spark.waves import WaveStage
 
     dcfg = cfg.download
@@ -224,7 +216,7 @@ def download_stage(spark, cfg: Config, lake, shards: list[int], errors: dict):
     def rows(units):
         wave = [int(u) for u in units]
         plan = lake.read(PLAN, where_in={"shard": wave})
-        df = _by_partition_id(plan, len(wave), _shard_partition(wave))
+        df = repartition_by_id(plan, len(wave), _shard_partition(wave))
         return df.mapInArrow(_download_fn(dcfg), _images_spark_schema())
 
     def commit(lake, df, units, txn):
