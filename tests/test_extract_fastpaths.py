@@ -10,6 +10,8 @@ from __future__ import annotations
 import io
 import json
 import random
+import re
+from collections import Counter
 from urllib.parse import urljoin, urlsplit
 
 import orjson
@@ -18,7 +20,7 @@ from fastwarc.warc import ArchiveIterator
 from warcio.warcwriter import WARCWriter
 
 from laion_spark.config import ExtractConfig
-from laion_spark.extract import extractor
+from laion_spark.extract import extractor, html
 from laion_spark.extract.extractor import extract_file_table, parse_wat_page, parse_wat_page_fast
 from laion_spark.extract.rules import (
     ABSOLUTE_HTTP, DROP_INVALID_URL, DROP_SCHEME, CandidateRules,
@@ -193,3 +195,102 @@ def test_absolute_url_host_regex_equals_partition():
                 rng.choice(alphabet) for _ in range(rng.randint(0, 12)))
             m = ABSOLUTE_HTTP(url)
             assert (m.group(1) if m else None) == by_partition(url), url
+
+
+# ----------------------------------------------------------------------------- HTML nesting scan
+# The obvious, slow reference of `html.html_nesting`'s estimate: the regex removal of raw text,
+# the regex tag tokens, and a Python walk (per element name an open count floored at 0).
+_REF_RAW_TEXT = re.compile(rb"(?is)<(script|style|textarea|title|xmp|iframe|noembed|noframes)\b.*?"
+                           rb"(?:</\1|\Z)|<!--.*?(?:-->|\Z)|<plaintext\b.*")
+_REF_TAG = re.compile(rb"<(/?[a-zA-Z][^\s/>]*)")
+_REF_VOID = re.compile(rb"<(?:" + b"|".join(sorted(html._VOID)) + rb")[\s/>]")
+
+
+def _reference_nesting(body: bytes) -> tuple[int, int]:
+    """(deepest estimated depth, work) as a plain loop."""
+    opened: Counter = Counter()
+    depth = deepest = work = 0
+    for tok in _REF_TAG.findall(_REF_RAW_TEXT.sub(b"", body.lower())):
+        if tok[:1] == b"/":
+            if opened[tok[1:]] > 0:
+                opened[tok[1:]] -= 1
+                depth -= 1
+        elif tok not in html._VOID:
+            opened[tok] += 1
+            depth += 1
+            work += depth
+            deepest = max(deepest, depth)
+    return deepest, work
+
+
+def _verdict(deepest: int, work: int, max_depth: int, max_work: int):
+    if deepest > max_depth:
+        return f"nesting depth over {max_depth} (estimated {deepest})"
+    if work > max_work:
+        return f"tree-building work over {max_work} (estimated {work})"
+    return None
+
+
+def _real_pages(real_data) -> list[bytes]:
+    """Every HTML body of the real WARC files (the big warcbase pages are the ones scanned)."""
+    from laion_spark.extract.extractor import _is_http_record, decode_http_body, split_http_response
+    from laion_spark.extract.records import RawRecord, iter_records
+
+    pages = []
+    for src in sorted(real_data.glob("*.warc*")):
+        with src.open("rb") as fh:
+            for rec in iter_records(fh):
+                if isinstance(rec, RawRecord) and rec.warc_type == "response" and _is_http_record(rec):
+                    parsed = split_http_response(rec.block)
+                    if parsed:
+                        pages.append(decode_http_body(parsed[1], rec.block[parsed[2]:])[0])
+    return pages
+
+
+def _check_scan(body: bytes, limits) -> bool:
+    """The numpy scan's pieces and the estimate equal the references; True if the fast token
+    reader decided (False: it handed over to the regex way)."""
+    low = body.lower()
+    text = html.strip_raw_text(low)
+    assert text == _REF_RAW_TEXT.sub(b"", low)
+    assert html._void_starts(low) == len([m for m in _REF_VOID.findall(low) if not m.startswith(b"<basefont")])
+    tokens = _REF_TAG.findall(text)
+    fast = html._tags_fast(text)
+    for found in (fast, html._tags_regex(text)):
+        if found is not None:
+            names, inverse, is_end = found
+            assert [b"/" + names[i] if e else names[i]
+                    for i, e in zip(inverse.tolist(), is_end.tolist())] == tokens
+    reference = _reference_nesting(body)
+    for max_depth, max_work in limits:
+        assert html.html_nesting(body, max_depth, max_work) == _verdict(*reference, max_depth, max_work)
+    return fast is not None
+
+
+def test_nesting_scan_equals_the_reference_on_real_pages(real_data):
+    """Real pages with limits low enough that every one is scanned in full, and at the defaults."""
+    pages = _real_pages(real_data)
+    biggest = max(pages, key=lambda p: p.count(b"<"))
+    assert biggest.count(b"<") > 60_000  # the 1.2 MB warcbase page the benchmark's WARC holds
+    assert _check_scan(biggest, [(32_768, 540_000_000), (500, 10**12), (10**6, 100_000)])
+    most_tags = sorted(pages, key=lambda p: p.count(b"<"))[-40:]
+    n_fast = sum(_check_scan(p, [(40, 10**12), (10**6, 300)]) for p in most_tags)
+    assert n_fast > 25  # (binary bodies sent as text/html hold `<` inside "names": the regex way)
+
+
+def test_nesting_scan_equals_the_reference_on_random_markup():
+    rng = random.Random(11)
+    pieces = [b"<div>", b"</div>", b"<p>", b"</p>", b"<img src=x>", b"<br/>", b"<BR\t", b"<script>",
+              b"</script>", b"<!--", b"-->", b"</a>", b"x", b" ", b"\n", b"<DIV\x0c", b"<span>",
+              b"</span\n>", b"<title>", b"</title>", b"<plaintext>", b"<!doctype html>", b"<scriptx>",
+              b"<textarea>", b"<imgx>", b"<IMG>", b"<\xff>", b"<a\x00b>", b"</>", b"<basefont>",
+              b"<sixteen-bytes-xx>", b"</sixteen-bytes-xx>", b"<seventeen-bytes-x>", b"<y-\xc3\xa9>"]
+    odd = [b"<", b"< ", b"<1", b"<a<b>", b"</textarea", b"/", b">"]
+    n_fast = 0
+    for i in range(600):
+        alphabet = pieces + odd if i % 3 == 0 else pieces
+        body = b"".join(rng.choice(alphabet) for _ in range(rng.randint(0, 300)))
+        if i % 7 == 0:
+            body = bytes(rng.randrange(256) for _ in range(rng.randint(0, 200))) + body
+        n_fast += _check_scan(body, [(6, 10**9), (25, 300)])
+    assert n_fast > 250
