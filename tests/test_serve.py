@@ -396,3 +396,47 @@ def test_metadata_parts_take_across_parts_in_request_order(tmp_path):
     (folder / "metadata" / f"{3:012d}-{7:012d}.arrow").unlink()
     with pytest.raises(IndexFolderError, match="missing"):
         Metadata.open(str(folder))
+
+
+def test_metadata_pylists_read_buffers_like_arrow_take(tmp_path):
+    """The buffer reader behind every query's metadata (Metadata.pylists) gives what Arrow's take
+    gives: across record batches and parts, in request order, with nulls (validity bitmaps),
+    non-ASCII strings, large strings, every numeric width, and a type it cannot read (a list
+    column, read through Arrow instead)."""
+    import pyarrow as pa
+
+    from laion_spark.serve.store import Metadata
+
+    rng = np.random.default_rng(3)
+    n = 1000
+
+    def maybe_null(values):
+        return [None if rng.random() < 0.2 else v for v in values]
+
+    table = pa.table({
+        "uid": pa.array(maybe_null(list(range(10**12, 10**12 + n))), pa.int64()),
+        "url": pa.array(maybe_null([f"http://x/{i}/ü€{'a' * (i % 7)}" for i in range(n)])),
+        "text": pa.array(maybe_null([f"caption {i} 日本" for i in range(n)]), pa.large_string()),
+        "similarity": pa.array(maybe_null(rng.random(n).tolist()), pa.float32()),
+        "pwatermark": pa.array(rng.random(n), pa.float64()),
+        "width": pa.array(maybe_null(rng.integers(0, 5000, n).tolist()), pa.int32()),
+        "height": pa.array(rng.integers(0, 30000, n).tolist(), pa.int16()),
+        "flag": pa.array(rng.integers(0, 200, n).tolist(), pa.uint8()),
+        "tags": pa.array([[str(i)] if i % 3 else None for i in range(n)]),
+    })
+    folder = tmp_path / "idx"
+    (folder / "metadata").mkdir(parents=True)
+    for a, b in [(0, 400), (400, n)]:  # two parts, each written in batches of 64 rows
+        with pa.OSFile(str(folder / "metadata" / f"{a:012d}-{b:012d}.arrow"), "wb") as sink, \
+                pa.ipc.new_file(sink, table.schema) as w:
+            w.write_table(table.slice(a, b - a), max_chunksize=64)
+    meta = Metadata.open(str(folder))
+    assert len(meta.parts) > 2
+    cols = table.column_names
+    for ids in (rng.integers(0, n, 50), np.array([999, 0, 399, 400, 63, 64, 0]), np.array([5])):
+        want = meta.take(ids, cols).to_pydict()
+        got = meta.pylists(ids, cols)
+        assert got.keys() == want.keys()
+        for c in cols:
+            assert got[c] == want[c], c
+        assert got["uid"] == [table.column("uid")[int(i)].as_py() for i in ids]

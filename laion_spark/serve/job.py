@@ -70,11 +70,11 @@ def serve(spec: ServeSpec, host: str, port: int, workers: int) -> None:
         from laion_spark.serve.app import create_app
 
         uvicorn.run(create_app(spec), host=host, port=port, log_level="warning",
-                    timeout_graceful_shutdown=5)
+                    access_log=False, timeout_graceful_shutdown=5)
     else:
         uvicorn.run("laion_spark.serve.app:create_app_from_env", factory=True, host=host,
                     port=port, workers=workers, log_level="warning",
-                    timeout_graceful_shutdown=5)
+                    access_log=False, timeout_graceful_shutdown=5)
 
 
 def run(ctx, args: argparse.Namespace) -> dict:

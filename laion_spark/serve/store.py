@@ -67,6 +67,7 @@ class Metadata:
         self.n = parts[-1].end if parts else 0
         self.columns = parts[0].table.schema.names if parts else []
         self.schema = parts[0].table.schema if parts else pa.schema([])
+        self._readers: dict = {}  # (part, column) -> _BufferReader or None (use Arrow's take)
 
     @classmethod
     def open(cls, folder: str, cache_dir: Optional[str] = None) -> "Metadata":
@@ -114,10 +115,80 @@ class Metadata:
         order = np.argsort(np.concatenate(positions), kind="stable")
         return table.take(pa.array(order))
 
+    def pylists(self, ids: np.ndarray, columns: list[str]) -> dict[str, list]:
+        """Python values (None for null) of `columns` for `ids` (valid, in the order given),
+        read straight from the memory-mapped buffers: for the few rows of an interactive query
+        this skips Arrow's take/concat/to_pylist machinery (~2 ms per 10-row query at 1M rows
+        in 16 batches, measured, against ~0.1 ms here). Meant for up to a few thousand ids (a
+        Python loop per value); types without a buffer reader (lists, structs, bools,
+        dictionaries) are read by Arrow's take."""
+        ids = np.asarray(ids, dtype=np.int64)
+        which = np.searchsorted(self.starts, ids, side="right") - 1
+        at = list(zip(which.tolist(), (ids - self.starts[which]).tolist()))
+        parts = set(which.tolist())
+        out: dict[str, list] = {}
+        for col in columns:
+            if col not in self.columns:
+                continue
+            readers = {p: self._reader(p, col) for p in parts}
+            if all(r is not None for r in readers.values()):
+                out[col] = [readers[p].get(r) for p, r in at]
+            else:
+                out[col] = [self.parts[p].table.column(col)[r].as_py() for p, r in at]
+        return out
+
+    def _reader(self, part: int, col: str) -> Optional["_BufferReader"]:
+        key = (part, col)
+        reader = self._readers.get(key, False)
+        if reader is False:
+            chunks = self.parts[part].table.column(col).chunks
+            reader = _BufferReader.make(chunks[0]) if len(chunks) == 1 else None
+            self._readers[key] = reader
+        return reader
+
     def column_values(self, name: str):
         """A column over every part (a chunked array; memory-mapped, read lazily)."""
         return pa.chunked_array([c for p in self.parts for c in p.table.column(name).chunks],
                                 type=self.schema.field(name).type)
+
+
+class _BufferReader:
+    """One column of one record batch read from its Arrow buffers through memoryviews (no copy,
+    a Python value per index): fixed-width numbers and (large) strings, nulls from the validity
+    bitmap."""
+
+    def __init__(self, values: memoryview, data: Optional[memoryview],
+                 valid: Optional[memoryview], offset: int):
+        self.values, self.data, self.valid, self.offset = values, data, valid, offset
+
+    @staticmethod
+    def _view(buf: pa.Buffer, fmt: str) -> memoryview:
+        mv = memoryview(buf)
+        size = np.dtype(fmt).itemsize
+        return mv[: len(mv) // size * size].cast(fmt)
+
+    @classmethod
+    def make(cls, arr: pa.Array) -> Optional["_BufferReader"]:
+        t, bufs, off = arr.type, arr.buffers(), arr.offset
+        valid = memoryview(bufs[0]) if arr.null_count and bufs[0] is not None else None
+        if (pa.types.is_string(t) or pa.types.is_large_string(t)) and bufs[1] is not None:
+            offsets = cls._view(bufs[1], "q" if pa.types.is_large_string(t) else "i")
+            data = memoryview(bufs[2]) if bufs[2] is not None else memoryview(b"")
+            return cls(offsets[off:], data, valid, off)
+        if (pa.types.is_integer(t) or pa.types.is_floating(t)) and bufs[1] is not None \
+                and t.bit_width in (8, 16, 32, 64) and not pa.types.is_float16(t):
+            fmt = np.dtype(t.to_pandas_dtype()).char
+            return cls(cls._view(bufs[1], fmt)[off:], None, valid, off)
+        return None
+
+    def get(self, r: int):
+        if self.valid is not None:
+            pos = r + self.offset
+            if not (self.valid[pos >> 3] >> (pos & 7)) & 1:
+                return None
+        if self.data is None:
+            return self.values[r]
+        return str(self.data[self.values[r]:self.values[r + 1]], "utf-8")
 
 
 def _mmap_ipc(path: str) -> pa.Table:
