@@ -26,6 +26,7 @@ from laion_spark.extract.records import ExtractError, ReadFailure, RawRecord, er
 from laion_spark.extract.rules import (ABSOLUTE_HTTP, DROP_EXTENSION, DROP_HOSTNAME, DROP_INVALID_URL,
                                        DROP_NO_ALT, DROP_SHORT_ALT, DROP_URL_LENGTH, CandidateRules,
                                        LanguageIdentifier, resolve_base)
+from laion_spark.extract.textfix import fix_text
 
 try:  # orjson is ~3x faster on WAT payloads; json is the fallback
     import orjson as _json
@@ -134,14 +135,13 @@ def clean_text(text: str) -> str:
     """Alt/title text as LAION cleaned it: lone surrogates → U+FFFD, then `ftfy.fix_text`
     (mojibake, HTML entities, control characters), then the remaining controls dropped. ASCII
     without `&` or ESC is what ftfy returns unchanged up to controls and line breaks (tested),
-    so it skips ftfy (most alt text; ftfy costs ~20 µs a string)."""
+    so it skips ftfy (most alt text); other text goes through `textfix.fix_text`, ftfy's own
+    steps minus those that cannot act (same output, tested; ~3x faster on real alt text)."""
     if text.isascii() and "&" not in text and "\x1b" not in text:
         return _BAD_CHARS.sub("", text) if _bad_chars(text) else text
-    import ftfy
-
     if _SURROGATES.search(text):
         text = _SURROGATES.sub("\ufffd", text)
-    text = ftfy.fix_text(text)
+    text = fix_text(text)
     return _BAD_CHARS.sub("", text) if _bad_chars(text) else text
 
 
