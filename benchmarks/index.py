@@ -30,10 +30,10 @@ sys.path.insert(0, str(REPO))
 
 from laion_spark.index import core  # noqa: E402
 from laion_spark.index.params import choose_params  # noqa: E402
-from laion_spark.index.synthetic import clustered_vectors  # noqa: E402
+from laion_spark.index.synthetic import iter_clustered_vectors  # noqa: E402
 
 log = logging.getLogger("bench.index")
-PEER_VENV = REPO / ".venv-peers-index"
+PEER_VENV = Path(os.environ.get("LAION_INDEX_PEER_VENV", REPO / ".venv-peers-index"))
 
 AUTOFAISS_SCRIPT = r"""
 import json, sys, time
@@ -48,10 +48,10 @@ print(json.dumps({"build_s": time.time() - t}))
 """
 
 
-def ensure_peer_venv() -> Path:
-    py = PEER_VENV / "bin" / "python"
+def ensure_peer_venv(venv: Path = PEER_VENV) -> Path:
+    py = venv / "bin" / "python"
     if not py.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(PEER_VENV)], check=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         subprocess.run([str(py), "-m", "pip", "install", "-q", "autofaiss==2.18.0",
                         "pyarrow<18", "faiss-cpu==1.9.0.post1"],
                        check=True)  # autofaiss: numpy<2 (pyarrow 18+ needs 2); faiss 1.15 broke OPQMatrix(M=)
@@ -152,6 +152,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--latency-ms", type=float, default=10.0)
     ap.add_argument("--work", default=str(REPO / "bench-out" / "index"))
     ap.add_argument("--skip-autofaiss", action="store_true")
+    ap.add_argument("--skip-ours", action="store_true",
+                    help="build only autofaiss (split a long run; results.json keeps both)")
+    ap.add_argument("--peer-venv", default=str(PEER_VENV),
+                    help="autofaiss's venv (created with pinned versions if missing)")
     ap.add_argument("--merge", default="ondisk", choices=["ondisk", "memory"])
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--child-ours":
         emb, out, budget, lat, n_parts, merge = sys.argv[2:8]
@@ -165,42 +169,33 @@ def main(argv=None) -> dict:
     cores = os.cpu_count() or 1
     budget = args.n * args.bytes_per_vector
     work = Path(args.work) / f"n{args.n}-d{args.dim}"
-    (work / "emb").mkdir(parents=True, exist_ok=True)
-
-    # One draw: the last `queries` vectors are held out of the index (same cluster centres).
-    both = clustered_vectors(args.n + args.queries, args.dim,
-                             n_clusters=max(100, args.n // 1000), seed=0,
-                             latent_dim=args.latent_dim)
-    x, q = both[: args.n], np.ascontiguousarray(both[args.n:])
-    del both
-    np.save(work / "emb" / "emb_0.npy", x.astype(np.float16))
-    x = np.load(work / "emb" / "emb_0.npy").astype(np.float32)  # both sides see float16 input
-    faiss.normalize_L2(x)
-
-    gt = core.ExactTopK(q, k=100)
-    for a in range(0, len(x), 100_000):
-        gt.add(x[a:a + 100_000], a)
-    truth = gt.result()[1]
+    load_start = os.getloadavg()
+    q, truth = prepare_input(work, args.n, args.dim, args.queries, args.latent_dim)
     none = [set() for _ in range(len(q))]
-    results = {}
+    res_path = work / "results.json"
+    results = json.loads(res_path.read_text()) if res_path.exists() else {}
 
-    del x
-    out, wall, rss = _run_child([sys.executable, __file__, "--child-ours", str(work / "emb" / "emb_0.npy"),
-                                 str(work / "ours"), str(budget), str(args.latency_ms),
-                                 str(max(2, cores)), args.merge])
-    info = json.loads(out.strip().splitlines()[-1])
-    info["driver_peak_rss_bytes"] = rss
-    index = (faiss.read_index(info["index_path"], faiss.IO_FLAG_ONDISK_SAME_DIR)
-             if info["merge"] == "ondisk" else faiss.read_index(info["index_path"]))
-    core.set_nprobe(index, info["nprobe"])
-    info.update(core.measure_recall(index, q, truth, none))
-    results["ours"] = info
-    log.info("ours: %s", json.dumps({k: v for k, v in info.items() if k != "reasons"}))
-    del index
+    if not args.skip_ours:
+        out, wall, rss = _run_child([sys.executable, __file__, "--child-ours",
+                                     str(work / "emb" / "emb_0.npy"), str(work / "ours"),
+                                     str(budget), str(args.latency_ms), str(max(2, cores)),
+                                     args.merge])
+        info = json.loads(out.strip().splitlines()[-1])
+        info["driver_peak_rss_bytes"] = rss
+        index = (faiss.read_index(info["index_path"], faiss.IO_FLAG_ONDISK_SAME_DIR)
+                 if info["merge"] == "ondisk" else faiss.read_index(info["index_path"]))
+        core.set_nprobe(index, info["nprobe"])
+        info.update(core.measure_recall(index, q, truth, none))
+        info["load_before_after"] = [load_start, os.getloadavg()]
+        results["ours"] = info
+        log.info("ours: %s", json.dumps({k: v for k, v in info.items() if k != "reasons"}))
+        del index
+        res_path.write_text(json.dumps(results, indent=2, default=str))
 
     if not args.skip_autofaiss:
-        py = ensure_peer_venv()
+        py = ensure_peer_venv(Path(args.peer_venv))
         af_index = work / "autofaiss.index"
+        load_af = os.getloadavg()
         _, wall, rss = _run_child([str(py), "-c", AUTOFAISS_SCRIPT, str(work / "emb"),
                                    str(af_index), str(work / "autofaiss_infos.json"),
                                    f"{budget // 1024}K", str(cores)])
@@ -213,8 +208,11 @@ def main(argv=None) -> dict:
             faiss.ParameterSpace().set_index_parameters(index, af["search_params"])
         af.update(core.measure_recall(index, q, truth, none))
         af["size_bytes"] = os.path.getsize(af_index)
+        af["load_before_after"] = [load_af, os.getloadavg()]
         results["autofaiss"] = af
         log.info("autofaiss: %s", json.dumps(af))
+        del index
+        res_path.write_text(json.dumps(results, indent=2, default=str))
 
     print(f"\nload (uptime) at the end: {os.getloadavg()}")
     print(f"\nindex benchmark: {args.n:,} × {args.dim}-d clustered vectors (float16 .npy), "
@@ -224,7 +222,8 @@ def main(argv=None) -> dict:
             "recall@10", "recall@100", "latency_p50_ms", "latency_p99_ms"]
     for name, r in results.items():
         print(f"  {name:<10} " + "  ".join(f"{c}={_fmt(r.get(c))}" for c in cols)
-              + f"  search={r.get('nprobe', r.get('search_params'))}")
+              + f"  search={r.get('nprobe', r.get('search_params'))}"
+              + f"  load1/5/15 before/after={r.get('load_before_after')}")
     if "autofaiss" in results:
         o, a = results["ours"], results["autofaiss"]
         print(f"  ratios ours/autofaiss: build time {o['build_s'] / a['build_s']:.2f}, "
@@ -233,8 +232,45 @@ def main(argv=None) -> dict:
               f"latency p50 {o['latency_p50_ms'] / a['latency_p50_ms']:.2f}")
         print(f"  vectors/s per core: ours {args.n / o['build_s'] / cores:,.0f}, "
               f"autofaiss {args.n / a['build_s'] / cores:,.0f}")
-    (work / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    res_path.write_text(json.dumps(results, indent=2, default=str))
     return results
+
+
+def prepare_input(work: Path, n: int, dim: int, n_queries: int,
+                  latent_dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """The float16 .npy both builders read, the held-out queries and their exact top-100, made
+    once per (n, dim) and reused by later (split) runs. One draw: the last `n_queries` rows are
+    held out (same cluster centres). Streamed in chunks: RAM stays ~1 GB at 10M × 512."""
+    emb = work / "emb" / "emb_0.npy"
+    qf, tf = work / "queries.npy", work / "truth.npy"
+    if emb.exists() and qf.exists() and tf.exists():
+        log.info("reusing %s, queries and ground truth", emb)
+        return np.load(qf), np.load(tf)
+    emb.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    x16 = np.lib.format.open_memmap(str(emb) + ".tmp.npy", mode="w+", dtype=np.float16,
+                                    shape=(n, dim))
+    q = np.empty((n_queries, dim), dtype=np.float32)
+    for a, b, x in iter_clustered_vectors(n + n_queries, dim, n_clusters=max(100, n // 1000),
+                                          seed=0, latent_dim=latent_dim):
+        if a < n:
+            x16[a:min(b, n)] = x[: min(b, n) - a]
+        if b > n:
+            q[max(a, n) - n: b - n] = x[max(a, n) - a:]
+    x16.flush()
+    del x16
+    x16 = np.load(str(emb) + ".tmp.npy", mmap_mode="r")
+    gt = core.ExactTopK(q, k=100)
+    for a in range(0, n, 100_000):
+        gt.add(_f32(x16[a:a + 100_000]), a)  # both sides see the float16 input
+    del x16
+    truth = gt.result()[1]
+    np.save(qf, q)
+    np.save(tf, truth)
+    os.replace(str(emb) + ".tmp.npy", emb)
+    log.info("input %d × %d float16 + exact top-100 of %d queries made in %.0f s",
+             n, dim, n_queries, time.time() - t0)
+    return q, truth
 
 
 def _fmt(v):

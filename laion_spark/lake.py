@@ -232,17 +232,27 @@ class Lake:
         return pa.schema(self._delta_table(name, version).schema().to_arrow())
 
     def read(self, name: str, version: int | None = None, *,
-             where_in: dict[str, Sequence] | None = None) -> DataFrame:
+             where_in: dict[str, Sequence] | None = None, as_parquet: bool = False) -> DataFrame:
         """The table as a Spark DataFrame (optionally at an older version: time travel).
 
         `where_in={"shard": [3, 4]}` keeps rows whose column is one of the values, and reads only
         the files whose Delta min/max stats can hold one (delta-spark: Delta's own data skipping
         on the bare column; delta-rs: the files are chosen here from the `add` stats). Give values
-        of the column's own type: a cast column defeats skipping and Parquet pushdown."""
+        of the column's own type: a cast column defeats skipping and Parquet pushdown.
+
+        `as_parquet=True` reads the version's files (listed from the Delta log) with Spark's plain
+        Parquet reader on either backend: only it exposes `_metadata.row_index`, which the index
+        job's ids need (Delta's reader has file_path but no row_index). Refused on tables with
+        deletion vectors, whose deleted rows a plain read would bring back."""
         from pyspark.sql import functions as F
 
         where_in = {k: list(v) for k, v in (where_in or {}).items()}
-        if self.backend == "delta-spark":
+        if as_parquet:
+            features = self._delta_table(name, version).protocol().reader_features or []
+            if "deletionVectors" in features:
+                raise LakeError(f"table '{name}' uses deletion vectors: a plain Parquet read "
+                                "of its files would return deleted rows")
+        if self.backend == "delta-spark" and not as_parquet:
             reader = self.spark.read.format("delta")
             if version is not None:
                 reader = reader.option("versionAsOf", version)

@@ -122,7 +122,9 @@ def run_index(spark, cfg: Config, lake) -> dict:
     if not lake.exists(table):
         raise FileNotFoundError(f"table '{table}' not found under {lake.root}")
     version = icfg.table_version if icfg.table_version is not None else lake.version(table)
-    df = lake.read(table, version)
+    # Plain Parquet read of the version's files on both backends: ids need _metadata.row_index,
+    # which Delta's own reader (delta-spark) does not expose.
+    df = lake.read(table, version, as_parquet=True)
     mods = list(icfg.modalities)
     for m in mods:
         if f"{m}_embedding" not in df.columns:

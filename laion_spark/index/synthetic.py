@@ -13,20 +13,33 @@ from laion_spark.index.core import encode_embeddings
 
 
 def clustered_vectors(n: int, dim: int, n_clusters: int = 1000, spread: float = 0.6,
-                      seed: int = 0, chunk: int = 200_000, latent_dim: int = 0) -> np.ndarray:
+                      seed: int = 0, chunk: int = 200_000, latent_dim: int = 0,
+                      out: np.ndarray | None = None) -> np.ndarray:
     """n L2-normalised float32 vectors around `n_clusters` random centres (Gaussian, with the
     noise norm ≈ `spread` × the centre norm), made in chunks to bound memory.
 
     latent_dim > 0 draws the within-cluster offset from a random `latent_dim`-d subspace (plus
     5 % isotropic noise), like real embeddings whose intrinsic dimension is far below d; with
     isotropic noise in 512-d every point of a cluster is nearly equidistant and any compressed
-    index looks bad (autofaiss issue #142)."""
+    index looks bad (autofaiss issue #142).
+
+    `out` (any (n, dim) array, e.g. a float16 .npy memmap) receives the rows instead of a new
+    float32 array, so a 10M × 512 benchmark input never sits in RAM as float32."""
+    if out is None:
+        out = np.empty((n, dim), dtype=np.float32)
+    for a, b, x in iter_clustered_vectors(n, dim, n_clusters, spread, seed, chunk, latent_dim):
+        out[a:b] = x
+    return out
+
+
+def iter_clustered_vectors(n: int, dim: int, n_clusters: int = 1000, spread: float = 0.6,
+                           seed: int = 0, chunk: int = 200_000, latent_dim: int = 0):
+    """(start, end, float32 rows) chunks of `clustered_vectors` (same draw, same order)."""
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((n_clusters, dim)).astype(np.float32)
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
     basis = (rng.standard_normal((latent_dim, dim)).astype(np.float32) / np.sqrt(dim)
              if latent_dim else None)
-    out = np.empty((n, dim), dtype=np.float32)
     for a in range(0, n, chunk):
         b = min(n, a + chunk)
         which = rng.integers(0, n_clusters, size=b - a)
@@ -39,8 +52,7 @@ def clustered_vectors(n: int, dim: int, n_clusters: int = 1000, spread: float = 
                 0.05 * spread / np.sqrt(dim))
         x = centres[which] + noise
         x /= np.linalg.norm(x, axis=1, keepdims=True)
-        out[a:b] = x
-    return out
+        yield a, b, x
 
 
 def pair_vectors(image: np.ndarray, seed: int = 1, noise: float = 0.8) -> np.ndarray:
