@@ -18,6 +18,7 @@ import argparse
 import logging
 import os
 import time
+import uuid
 
 import numpy as np
 
@@ -187,7 +188,7 @@ def run_index(spark, cfg: Config, lake) -> dict:
                                *[f"{m}_embedding" for m in mods], FILE_COL, ROW_COL]))
     shipped = spark.sparkContext.broadcast((plan.trained, dim, plan.queries, offsets))
     parts_out = kept.select(*cols).mapInArrow(
-        _add_partition_fn(shipped, store),
+        _add_partition_fn(shipped, store, uuid.uuid4().hex),
         "first BIGINT, last BIGINT, rows BIGINT, name STRING").collect()
     shipped.unpersist()
     plan.timings["add_s"] = round(time.time() - t0, 2)
@@ -257,17 +258,34 @@ def _read_sample(store: Store, paths: list[str], limit: int):
     return pa.concat_tables(tables).combine_chunks()
 
 
-def _add_partition_fn(shipped, store: Store):
-    """The executor side: add rows with global ids; one part per contiguous id range."""
+# One PartBuilder (the deserialised trained indices) per executor Python worker and build: a
+# reused worker runs many add tasks one after another, and at LAION size each copy is the
+# centroids (2^17 × d floats, 256 MB at 512-d) plus OPQ, so deserialising it per task costs time
+# and allocator churn. One entry only: a new build replaces the last one's.
+_BUILDER_CACHE: dict = {}
+
+
+def _cached_builder(token: str, shipped):
+    from laion_spark.index.core import PartBuilder
+
+    if _BUILDER_CACHE.get("token") != token:
+        _BUILDER_CACHE.clear()  # free the previous build's indices first
+        trained, dim, queries, _ = shipped.value
+        _BUILDER_CACHE.update(token=token, builder=PartBuilder(trained, dim, queries))
+    return _BUILDER_CACHE["builder"]
+
+
+def _add_partition_fn(shipped, store: Store, token: str):
+    """The executor side: add rows with global ids; one part per contiguous id range.
+    `token` names this build: tasks of one build in one Python worker share its PartBuilder."""
 
     def add_partition(batches):
         import pyarrow as pa
         import pyarrow.compute as pc
 
-        from laion_spark.index.core import PartBuilder
-
-        trained, dim, queries, offsets = shipped.value
-        part = PartBuilder(trained, dim, queries)
+        offsets = shipped.value[3]
+        part = _cached_builder(token, shipped)
+        part.start(0)  # a task that failed in this worker may have left rows behind
         schema = pa.schema([("first", pa.int64()), ("last", pa.int64()), ("rows", pa.int64()),
                             ("name", pa.string())])
         current = None  # (file, expected rows)
@@ -304,6 +322,7 @@ def _add_partition_fn(shipped, store: Store):
                     current = (f, rows)
                 part.add_batch(run)
         out = finish()
+        part.start(0)  # the cached builder keeps no rows between tasks
         if out is not None:
             yield out
 
