@@ -296,6 +296,43 @@ def measure(port: int, bodies: dict[str, list[bytes]], concurrency: list[int],
     return runs
 
 
+def in_process_steps(folder_path: str, bodies: list[bytes], warm: int = 50) -> dict:
+    """One embedding query end to end without HTTP, p50 ms per step: JSON parse (orjson),
+    validation, the search core's own steps (embedding check, knn with reconstruction, filters,
+    metadata rows) and the response encoding (orjson). The HTTP p50 at concurrency 1 minus
+    `total` is what uvicorn + FastAPI + the thread hop cost."""
+    import faiss
+    import orjson
+
+    from laion_spark.config import DownloadConfig, ServeConfig
+    from laion_spark.serve import search
+    from laion_spark.serve.store import open_index_folder
+
+    faiss.omp_set_num_threads(1)  # as in a worker
+    folder = open_index_folder("emb", folder_path)
+    cfg, dcfg = ServeConfig(), DownloadConfig()
+    steps: dict[str, list] = {}
+    for k, b in enumerate(bodies):
+        t0 = time.perf_counter()
+        body = orjson.loads(b)
+        t1 = time.perf_counter()
+        q = search.parse_query(body, {"emb": folder}, cfg)
+        t2 = time.perf_counter()
+        r = search.run_search(q, folder, cfg, dcfg)
+        t3 = time.perf_counter()
+        orjson.dumps(r.rows, option=orjson.OPT_SERIALIZE_NUMPY)
+        t4 = time.perf_counter()
+        if k < warm:
+            continue
+        for name, v in (("json_parse", t1 - t0), ("validate", t2 - t1), ("json_encode", t4 - t3),
+                        ("total", t4 - t0)):
+            steps.setdefault(name, []).append(v * 1000)
+        for name, v in r.timings_ms.items():
+            if name != "total_ms":
+                steps.setdefault(name[:-3], []).append(v)
+    return {k: round(float(np.percentile(v, 50)), 3) for k, v in steps.items()}
+
+
 def top_ids(port: int, bodies: list[bytes]) -> list[list[int]]:
     out = []
     for b in bodies:
@@ -376,6 +413,8 @@ def main() -> None:
         bodies["text"] = [json.dumps(dict(common, indice_name="txt", text=" ".join(
             words[rng.integers(0, len(WORDS), 4)]))).encode() for _ in range(500)]
     probe = {k: v[:20] for k, v in bodies.items()}
+    results["in_process_p50_ms"] = in_process_steps(emb_dir, bodies["embedding"][:550])
+    log.info("in-process steps, p50 ms: %s", results["in_process_p50_ms"])
     ids: dict = {}
     runs: list = []
     env = dict(os.environ, PYTHONPATH=str(REPO))
