@@ -11,8 +11,8 @@ Per stage it records, from Spark's REST status API on 127.0.0.1 (the app's own U
 Spark jobs, tasks (completed + failed + skipped), SQL scan "number of files read"; from the lake:
 commits (table version deltas); from /proc: the peak RSS of the driver's Python and of the JVM
 (in local mode the JVM holds the executors too), reset before each stage (clear_refs); wall time.
-Then it fits cost = a + b * units per stage (units: WARC files, download shards, score shards)
-and prints the per-unit slopes and what they give at LAION-5B's size. Results also go to
+Then it fits cost = a + b * x per stage (x: waves for jobs, commits and serial wall time; units
+for tasks and files read; see `report`) and prints what the fit gives at LAION-5B's size. Results also go to
 bench-out/scale/results.json.
 """
 from __future__ import annotations
@@ -168,26 +168,64 @@ def _fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
     return my - b * mx, b
 
 
+# The model: a stage's driver-side counts (jobs, commits) and its serial wall time follow its
+# waves; tasks and files read follow its units (one task per unit, each wave reads its own files);
+# the driver's peak RSS is flat (the max over sizes is shown). LAION-5B: 50B candidates from
+# 12 crawls x 90k WAT files, 6B download rows in 10k-row shards, 5.85B pairs, on 100 nodes x 16
+# cores (1,600 task slots) and, for score, 8 GPUs per node (800 GPU slots).
+SLOTS = {"extract": 1600, "download": 1600, "score": 800}
+PER_SLOT = {"extract": 2.0, "download": 2.0, "score": 2.0}  # config defaults: units per slot
+MAX_WAVE = {"extract": 2048, "download": 4096, "score": 1024}  # config defaults: max units per wave
 UNIT_OF = {"extract": ("warc_files", "wat_files"), "download": ("download_shards", "download_shards"),
-           "score": ("download_shards", "score_shards"), "index": ("pairs", "pairs"),
-           "maintain": ("download_shards", "download_shards")}
+           "score": ("download_shards", "score_shards")}
+
+
+def laion_waves(stage: str) -> float:
+    """Waves of `stage` at LAION-5B: units / (slots x units per slot, capped)."""
+    import math
+
+    size = min(MAX_WAVE[stage], math.ceil(SLOTS[stage] * PER_SLOT[stage]))
+    return math.ceil(LAION[UNIT_OF[stage][1]] / size)
+
+
+def _stage_units(r: dict, stage: str) -> float:
+    s = r["stages"].get(stage, {}).get("summary", {})
+    if stage == "extract":
+        return float(s.get("files", r["units"].get("warc_files", 0)))
+    return float(s.get("shards", r["units"].get("download_shards", 0)))
 
 
 def report(results: list[dict]) -> str:
-    lines = ["| stage | metric | " + " | ".join(f"{r['size']}x" for r in results) + " | per unit | at LAION-5B |",
+    """The measured counts per size, the fit a + b x (x = waves or units) and its value at
+    LAION-5B's size."""
+    sizes = " | ".join(f"{r['size']}x" for r in results)
+    lines = [f"| stage | metric | {sizes} | fit (x) | at LAION-5B |",
              "|---|---|" + "---|" * len(results) + "---|---|"]
     for stage in STAGES:
-        unit, laion_unit = UNIT_OF[stage]
-        xs = [float(r["units"].get(unit, 0)) for r in results]
-        for metric in ("jobs", "tasks", "files_read", "commits", "driver_python_peak_mb", "jvm_peak_mb", "wall_s"):
-            ys = [float(r["stages"].get(stage, {}).get(metric, 0)) for r in results]
-            row = f"| {stage} | {metric} | " + " | ".join(f"{y:g}" for y in ys)
-            if metric in ("jobs", "tasks", "files_read", "commits"):  # counts: linear in units
+        st = [r["stages"].get(stage, {}) for r in results]
+        if stage in SLOTS:
+            waves = [float(x.get("summary", {}).get("waves", 0)) for x in st]
+            units = [_stage_units(r, stage) for r in results]
+            lw, lu = laion_waves(stage), LAION[UNIT_OF[stage][1]]
+            lines.append(f"| {stage} | units / waves | " + " | ".join(
+                f"{u:g} / {w:g}" for u, w in zip(units, waves)) + f" | - | {lu:.3g} / {lw:.3g} |")
+            for metric, xs, lx, name in (("jobs", waves, lw, "wave"), ("commits", waves, lw, "wave"),
+                                         ("wall_s", waves, lw, "wave"), ("tasks", units, lu, "unit"),
+                                         ("files_read", units, lu, "unit")):
+                ys = [float(x.get(metric, 0)) for x in st]
                 a, b = _fit(xs, ys)
-                row += f" | {b:.3g} per {unit.rstrip('s')} | {a + b * LAION[laion_unit]:.3g} |"
-            else:  # memory and time at these sizes are fixed costs: shown, not extrapolated
-                row += " | - | - |"
-            lines.append(row)
+                at = a + b * lx
+                shown = f"{at / 3600:.3g} h (serial)" if metric == "wall_s" else f"{at:.3g}"
+                lines.append(f"| {stage} | {metric} | " + " | ".join(f"{y:g}" for y in ys)
+                             + f" | {a:.3g} + {b:.3g}/{name} | {shown} |")
+        else:
+            for metric in ("jobs", "tasks", "files_read", "commits", "wall_s"):
+                ys = [float(x.get(metric, 0)) for x in st]
+                lines.append(f"| {stage} | {metric} | " + " | ".join(f"{y:g}" for y in ys) + " | - | - |")
+        for metric in ("driver_python_peak_mb", "jvm_peak_mb"):
+            ys = [float(x.get(metric, 0)) for x in st]
+            lines.append(f"| {stage} | {metric} | " + " | ".join(f"{y:g}" for y in ys)
+                         + f" | flat? max {max(ys or [0]):g} | - |")
     units = " ; ".join(f"{r['size']}x: " + ", ".join(f"{k}={v}" for k, v in r["units"].items()) for r in results)
     return "\n".join(lines) + "\n\nunits: " + units
 

@@ -52,7 +52,12 @@ class LakeConfig:
     vacuum_retention_hours: float = 168.0  # removed files kept this long (time travel, readers in flight)
     staging_grace_hours: float = 24.0  # an unreferenced part-* folder younger than this may be a live write
     cluster_columns: dict[str, list[str]] = field(
-        default_factory=lambda: {"candidates": ["uid"]})  # z-order per table (serves the uid anti-join)
+        default_factory=lambda: {"candidates": ["uid"]})  # z-order per table (uid filters skip files)
+    # Tables that keep one current row per key: [key, then the columns whose smallest value picks
+    # the row]. Appends may repeat a key (extract's waves dedup only inside the wave); readers use
+    # Lake.read_current / the `current_<table>` view, and `maintain` rewrites the repeats away.
+    unique_keys: dict[str, list[str]] = field(
+        default_factory=lambda: {"candidates": ["uid", "source_file", "record_offset", "url", "page_url"]})
 
 
 @dataclass
@@ -73,7 +78,10 @@ class ExtractConfig:
     max_html_bytes: int = 5_000_000
     language_min_prob: float = 0.5
     batch_rows: int = 8192
-    dedup_against_table: bool = True
+    # Anti-join each wave's uids against the whole `candidates` uid column (a scan of the table
+    # per wave: cost follows the table, not the wave). Off: a uid may repeat across waves, readers
+    # use lake.read_current("candidates") and `maintain` removes the repeats (see extract/job.py).
+    dedup_against_table: bool = False
     max_url_length: int = 2048
     warc_reader: str = "fastwarc"  # fastwarc | warcio (measured: see extract/README.md)
     # Limits on one record (a record over one becomes a failure row `code: detail`; the file goes on).

@@ -111,6 +111,21 @@ def wave_app_id(stage: str, wave_id: str) -> str:
     return f"{stage}:wave:{wave_id}"
 
 
+def one_row_per_key(df: DataFrame, key: str, order: Sequence[str]) -> DataFrame:
+    """One row per `key` value: the row with the smallest `order` struct (a re-run picks the same
+    row). groupBy + min_by, not a window: Spark aggregates map-side first, so a value repeated
+    a million times costs one row per task in the shuffle, and no column is sorted."""
+    from pyspark.sql import functions as F
+
+    cols = [c for c in df.columns if c != key]
+    if not cols:
+        return df.select(key).distinct()
+    return (df.groupBy(key)
+            .agg(F.min_by(F.struct(*cols), F.struct(*order)).alias("_row"))
+            .select(key, *[F.col(f"_row.{c}").alias(c) for c in cols])
+            .select(*df.columns))
+
+
 def _files_matching(table, table_path: str, where_in: dict[str, list]) -> list[str]:
     """URIs of the live files whose min/max stats may hold one of the values of every column
     (a file without stats for a column is kept: a missing bound never drops live rows)."""
@@ -269,6 +284,35 @@ class Lake:
             df = df.filter(F.col(column).isin(values))
         return df
 
+    def unique_key(self, name: str) -> Optional[tuple[str, list[str]]]:
+        """(key column, order columns) when table `name` keeps one current row per key
+        (`lake.unique_keys`), else None."""
+        spec = list(self.cfg.unique_keys.get(name, []))
+        if not spec:
+            return None
+        missing = sorted(set(spec) - set(self.arrow_schema(name).names)) if self.exists(name) else []
+        if missing:
+            log.warning("table '%s': unique key columns %s missing, key not applied", name, missing)
+            return None
+        return spec[0], spec[1:]
+
+    def read_current(self, name: str, columns: Sequence[str] | None = None) -> DataFrame:
+        """The table with one row per unique key (`lake.unique_keys[name]`: key, then the order
+        that picks the row): what every reader that needs "one row per uid" uses. Appends may
+        repeat a key (extract does not anti-join each wave against the whole table);
+        `maintain` removes the repeats, after which this is the table itself plus a shuffle.
+        `columns`: the columns to keep (the key and order columns are read as well)."""
+        df = self.read(name)
+        spec = self.unique_key(name)
+        if spec is None:
+            return df.select(*columns) if columns else df
+        key, order = spec
+        if columns:
+            keep = list(dict.fromkeys([key, *columns, *order]))
+            df = df.select(*keep)
+        out = one_row_per_key(df, key, order)
+        return out.select(*columns) if columns else out
+
     def read_arrow(self, name: str, version: int | None = None, columns: list[str] | None = None,
                    filter=None) -> pa.Table:
         """The table as Arrow, with no Spark: for GPU scoring/index machines and tests."""
@@ -410,13 +454,19 @@ class Lake:
 
     def overwrite(self, name: str, df: DataFrame, *, stage: str = "laion-spark",
                   units: Iterable[str] = (), metadata: dict | None = None,
-                  compression: str | None = None) -> CommitResult:
-        """Replace the table's rows with `df`'s (old files stay until VACUUM, for time travel)."""
-        return self._write(name, df, "overwrite", stage, list(units), metadata, compression)
+                  compression: str | None = None, expect_version: int | None = None) -> CommitResult:
+        """Replace the table's rows with `df`'s (old files stay until VACUUM, for time travel).
+
+        `expect_version`: `df` was computed from that version of this table; the commit removes
+        that version's files only (delta-rs: a file a concurrent append added stays live), and
+        is refused with a LakeError when the table has moved on by the time the files are written
+        (delta-spark removes the files of the version it commits on)."""
+        return self._write(name, df, "overwrite", stage, list(units), metadata, compression,
+                           expect_version=expect_version)
 
     def _write(self, name: str, df: DataFrame, mode: str, stage: str, units: list[str],
                metadata: dict | None, compression: str | None = None,
-               txn: str | None = None) -> CommitResult:
+               txn: str | None = None, expect_version: int | None = None) -> CommitResult:
         started = time.time()
         if txn and (self.transaction_version(name, txn) or 0) >= UNIT_VERSION:
             log.info("%s: txn %s already committed, nothing to do", name, txn)
@@ -438,11 +488,14 @@ class Lake:
             # One txn per delta-spark write: the wave's id, else the unit's, else the unit set's.
             app_id = txn or (app_ids[0] if len(app_ids) == 1 else
                              _batch_app_id_of(stage, app_ids) if app_ids else None)
+            if expect_version is not None and self.version(name) != expect_version:
+                raise LakeError(f"table '{name}' moved past version {expect_version} while this "
+                                f"{mode} was prepared; nothing committed, run it again")
             result = self._write_delta_spark(name, df, mode, app_id, metadata, compression,
                                              unit_ids=app_ids if len(app_ids) > 1 else None)
         else:
             result = self._write_delta_rs(name, df, mode, app_ids + ([txn] if txn else []),
-                                          metadata, compression)
+                                          metadata, compression, expect_version)
         result.committed_units = list(dict.fromkeys(units))
         log.info(
             "%s: %s %d rows in %d files -> version %s (%.1fs)",
@@ -495,7 +548,8 @@ class Lake:
             int(metrics.get("numOutputRows", 0) or 0), [], [],
         )
 
-    def _write_delta_rs(self, name, df, mode, app_ids, metadata, compression=None) -> CommitResult:
+    def _write_delta_rs(self, name, df, mode, app_ids, metadata, compression=None,
+                        expect_version: int | None = None) -> CommitResult:
         from deltalake import CommitProperties, DeltaTable, Schema, Transaction
         from deltalake.transaction import AddAction, create_table_with_add_actions
 
@@ -524,6 +578,11 @@ class Lake:
             )
         else:
             table = DeltaTable(path, storage_options=so)
+            if expect_version is not None:
+                if table.version() != expect_version:
+                    raise LakeError(f"table '{name}' moved past version {expect_version} while this "
+                                    f"{mode} was prepared; nothing committed, run it again")
+                table = DeltaTable(path, version=expect_version, storage_options=so)
             table.create_write_transaction(
                 adds, mode, Schema.from_arrow(arrow_schema), commit_properties=props,
             )
@@ -621,6 +680,36 @@ class Lake:
             metrics = table.optimize.compact(**kw)
         out["files_added"] = int(metrics.get("numFilesAdded", 0) or 0)
         out["files_removed"] = int(metrics.get("numFilesRemoved", 0) or 0)
+        return out
+
+    def dedup(self, name: str, *, target_bytes: int | None = None, dry_run: bool = False) -> dict:
+        """Rewrite table `name` with one row per unique key (the row :meth:`read_current` picks),
+        range-partitioned and sorted by the key into files of ~`target_bytes` (each file a narrow
+        key range, so a key filter skips the others): one overwrite commit, Delta app
+        transactions kept. Two jobs over the key column and one rewrite; a no-op (one job) when
+        no key repeats. The table must not move meanwhile (see :meth:`overwrite`)."""
+        import math
+
+        spec = self.unique_key(name)
+        if spec is None:
+            raise LakeError(f"table '{name}' has no unique key (lake.unique_keys)")
+        key, order = spec
+        before = self.table_summary(name)
+        version = before["version"]
+        df = self.read(name, version=version)
+        keys = df.select(key).distinct().count()
+        out = {"rows_before": before["rows"], "rows_after": keys, "duplicates": before["rows"] - keys,
+               "files_added": 0, "files_removed": 0, "key": key}
+        if dry_run or keys == before["rows"]:
+            out["rows_after"] = before["rows"] if dry_run else keys
+            return out
+        target = int(target_bytes or self.target_file_bytes(name))
+        n_files = max(1, math.ceil(before["bytes"] * keys / max(1, before["rows"]) / target))
+        unique = one_row_per_key(df, key, order).repartitionByRange(n_files, key).sortWithinPartitions(key)
+        codec, _ = self._codec(name, self.file_stats(name)[0]["path"])
+        res = self.overwrite(name, unique, stage="maintain", compression=codec.lower(),
+                             metadata={"stage": "maintain", "dedup": key}, expect_version=version)
+        out.update(files_added=res.files, files_removed=before["files"], rows_after=res.rows or keys)
         return out
 
     def _codec(self, name: str, rel_path: str) -> tuple[str, float]:
@@ -760,10 +849,13 @@ class Lake:
 
     # ----------------------------------------------------------------- SQL
     def register_views(self) -> list[str]:
-        """Every table under the root becomes a temp view by its name (for `laion-spark sql`)."""
+        """Every table under the root becomes a temp view by its name (for `laion-spark sql`);
+        a table with a unique key also gets `current_<name>` (:meth:`read_current`)."""
         names = self.tables()
         for n in names:
             self.read(n).createOrReplaceTempView(n)
+            if self.unique_key(n):
+                self.read_current(n).createOrReplaceTempView(f"current_{n}")
         return names
 
 

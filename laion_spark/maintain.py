@@ -4,6 +4,11 @@ Each wave commits a few files per task, so after a crawl `candidates` holds thou
 files and every reader pays per-file costs (listing, footers, task launches). Per table, in this
 order (all through lake.py, the only table layer):
 
+0. a table with a unique key (`lake.unique_keys`: `candidates` by `uid`, which extract's waves
+   may repeat) and repeated keys is rewritten with one row per key (the row
+   `lake.read_current` picks), range-partitioned and sorted by the key into target-sized files,
+   which stands in for step 1 this time. The table must not be appended to meanwhile: the
+   rewrite is refused when it moved (delta-spark: checked just before its commit);
 1. compact toward `lake.target_file_rows` rows per file (size = rows x the table's average row
    bytes, capped by `lake.max_file_bytes`), or z-order by `lake.cluster_columns[table]`
    (`candidates` by `uid`: files with narrow uid ranges, so uid filters skip files);
@@ -13,8 +18,8 @@ order (all through lake.py, the only table layer):
 4. remove delta-rs staging folders (`part-*`) left empty or holding only a killed write's
    `_temporary` files, older than `lake.staging_grace_hours`.
 
-Every step keeps the rows: the row count from the log is compared before and after, and a
-mismatch stops the run with the table named. Safe beside running jobs: compaction only replaces
+Every step keeps the rows (step 0 drops only the repeats it counted): the row count from the log
+is compared before and after, and a mismatch stops the run with the table named. Safe beside running jobs: compaction only replaces
 files it read (appends commit on top), vacuum and the staging clean-up wait out their windows.
 """
 from __future__ import annotations
@@ -39,20 +44,27 @@ def maintain_table(lake, name: str, *, vacuum_hours: float | None = None, grace_
     if wanted and cluster != wanted:
         log.warning("maintain %s: cluster columns %s not in the table, skipped",
                     name, sorted(set(wanted) - columns))
-    compacted = lake.compact(name, cluster_columns=cluster or None, dry_run=dry_run)
+    dedup = lake.dedup(name, dry_run=dry_run) if lake.unique_key(name) else None
+    if dedup and dedup["files_added"]:
+        compacted = {"target_bytes": lake.target_file_bytes(name), "small_files": before["files"]}
+    else:
+        compacted = lake.compact(name, cluster_columns=cluster or None, dry_run=dry_run)
     if not dry_run:
         lake.checkpoint(name)
     vacuumed = lake.vacuum(name, vacuum_hours, dry_run=dry_run)
     staging = lake.remove_staging(name, grace_hours, dry_run=dry_run)
     after = lake.table_summary(name)
-    if after["rows"] != before["rows"]:
-        raise LakeError(f"maintain {name}: {before['rows']} rows before, {after['rows']} after; stopped")
+    removed = dedup["duplicates"] if dedup and not dry_run else 0
+    if after["rows"] != before["rows"] - removed:
+        raise LakeError(f"maintain {name}: {before['rows']} rows before, {after['rows']} after "
+                        f"({removed} repeated keys removed); stopped")
     summary = {
         "version_before": before["version"], "version_after": after["version"],
         "files_before": before["files"], "files_after": after["files"], "rows": after["rows"],
         "bytes_before": before["bytes"], "bytes_after": after["bytes"],
         "target_file_bytes": compacted["target_bytes"], "small_files": compacted["small_files"],
-        "cluster_columns": cluster, "files_vacuumed": len(vacuumed), "staging_removed": len(staging),
+        "cluster_columns": cluster, "duplicates_removed": removed,
+        "duplicates": dedup["duplicates"] if dedup else 0, "files_vacuumed": len(vacuumed), "staging_removed": len(staging),
         "dry_run": dry_run, "seconds": round(time.time() - started, 2),
     }
     log.info("maintain %s: %d -> %d files (%d rows, target %.1f MB%s), %s %d files, %d staging folders%s",

@@ -1,5 +1,5 @@
-"""Extract stage through Spark: tables, dedup within a run and against the table, resume, and a
-crash between commits."""
+"""Extract stage through Spark: tables, dedup within a wave (repeats across waves are removed by
+the readers' rule, `current_candidates`), resume, and a crash between commits."""
 from __future__ import annotations
 
 import shutil
@@ -81,7 +81,8 @@ def test_extract_job_tables_dedup_resume_and_crash(spark, lake, real_data, tmp_p
     assert s3["files_extracted"] == 0 and s3["files_skipped"] == 4
     assert lake.read("candidates").count() == after_crash
 
-    # -- run 4: a "new crawl" that repeats known pairs adds only the new ones (anti-join).
+    # -- run 4: a "new crawl" that repeats known pairs: its wave is deduped inside itself and
+    # not against the table (no per-wave scan of `candidates`); readers see each uid once.
     dolma = real_data / "dolma-sample-0000.warc.gz"
     again = tmp_path / "a-again.warc"
     shutil.copy(a, again)
@@ -89,8 +90,13 @@ def test_extract_job_tables_dedup_resume_and_crash(spark, lake, real_data, tmp_p
     s4 = extract_job.run_extract(spark, cfg4, lake)
     assert s4["files_extracted"] == 2
     new_uids = _expected_uids([dolma]) - set(uids)
-    assert s4["candidates_written"] == len(new_uids) > 0
-    assert lake.read("candidates").count() == after_crash + len(new_uids)
+    assert s4["candidates_written"] == len(_expected_uids([again, dolma])) > len(new_uids) > 0
+    assert lake.read("candidates").count() == after_crash + s4["candidates_written"]
+    current = extract_job.current_candidates(lake, ["uid", "source_file"])
+    assert current.count() == after_crash + len(new_uids)
+    # the repeated uids keep their first row (min source_file: `a`, not its later copy)
+    picked = {r["uid"]: r["source_file"] for r in current.collect()}
+    assert all(picked[u] == str(a) for u in _expected_uids([a]))
 
 
 def test_cli_arguments_map_onto_config(tmp_path):

@@ -3,7 +3,7 @@
 The Spark layer is thin: a plan written once, then the wave runner (`laion_spark/waves.py`) runs
 `downloader.download_batches` inside `mapInArrow`, one task per shard, one commit per wave.
 
-* Plan: "candidates whose uid is not in `images` yet" (or, with `--retry-failed`, the uids whose
+* Plan: "candidates whose uid is not in `images` yet" (one row per uid: `lake.read_current`) (or, with `--retry-failed`, the uids whose
   current row failed), each row given a shard id, written ONCE to `download_plan` with one file
   per shard. A wave reads only its shards' plan files (Delta stats on the bare `shard` column),
   so no wave scans the whole plan. Shard ids continue after the highest id in `images` and in the
@@ -141,10 +141,11 @@ def current_images(lake):
 
 
 def plan_pending(spark, lake, cfg: DownloadConfig, retry_failed: bool = False):
-    """(rows to download with a shard id, row count, first shard id, shard count).
+    """(rows to download with a shard id, row count (an upper bound on a first run), first shard
+    id, shard count).
 
-    New candidates: the candidates whose uid has no `images` row (the row count costs no job on
-    a first run: the candidates' Delta stats). Retry: the uids whose current row failed."""
+    New candidates: one row per uid of `candidates` (`lake.read_current`: a uid may repeat across
+    extract waves) whose uid has no `images` row. Retry: the uids whose current row failed."""
     from pyspark.sql import functions as F
 
     base = max([-1] + [s for s in (_stats_max_shard(lake, IMAGES), _stats_max_shard(lake, PLAN))
@@ -154,11 +155,13 @@ def plan_pending(spark, lake, cfg: DownloadConfig, retry_failed: bool = False):
                 .select(*PLAN_COLUMNS[:-1]))
         n_rows = rows.count()
     else:
-        rows = lake.read(CANDIDATES).select(*PLAN_COLUMNS[:-1])
+        rows = lake.read_current(CANDIDATES, PLAN_COLUMNS[:-1])
         if lake.exists(IMAGES):
             rows = rows.join(lake.read(IMAGES).select("uid"), "uid", "left_anti")
             n_rows = rows.count()
         else:
+            # First run: no job to count, the Delta stats' row count is an upper bound (repeated
+            # uids make shards a little smaller than shard_size; the plan's commit says how many).
             n_rows = _stats_rows(lake, CANDIDATES)
             if n_rows is None:
                 n_rows = rows.count()
@@ -184,9 +187,10 @@ def write_plan(spark, lake, cfg: DownloadConfig, retry_failed: bool = False) -> 
     chunk = wave_size(task_slots(spark), cfg.shards_per_slot, cfg.max_shards_per_wave)
     n_files = math.ceil(n_shards / chunk)
     per_wave = repartition_by_id(pending, n_files, ((F.col("shard") - F.lit(base)) / F.lit(chunk)).cast("int"))
-    lake.overwrite(PLAN, per_wave.sortWithinPartitions("shard"), stage=STAGE,
-                   metadata={"stage": STAGE, "first_shard": base, "shards": n_shards,
-                             "retry_failed": retry_failed})
+    res = lake.overwrite(PLAN, per_wave.sortWithinPartitions("shard"), stage=STAGE,
+                         metadata={"stage": STAGE, "first_shard": base, "shards": n_shards,
+                                   "retry_failed": retry_failed})
+    n_rows = info["planned_rows"] = res.rows
     info["planned_shards"] = n_shards
     log.info("download: planned %d rows in %d shards (ids %d..%d)%s", n_rows, n_shards, base,
              base + n_shards - 1, " (retry of failed rows)" if retry_failed else "")

@@ -24,6 +24,11 @@ from laion_spark.download.safety import clean_detail
 RESIZE_MODES = ("no", "keep_ratio", "keep_ratio_largest", "center_crop", "border")
 OUTPUT_FORMATS = {"jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP"}
 _SWAPS_AXES = {5, 6, 7, 8}  # EXIF orientations that rotate by 90 degrees
+# Pillow warns between MAX_IMAGE_PIXELS and 2x it; our own pixel limits decide (DecompressionBomb
+# *Error* above 2x is still caught per image). One process-wide filter, set once at import:
+# `warnings.catch_warnings()` per image swapped the global filter list from many decode threads at
+# once (not thread-safe: a thread could restore another's list, or the warning leak out).
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 @dataclass
@@ -196,9 +201,7 @@ def process_image(data: bytes, cfg: DownloadConfig) -> ImageResult:
     deadline = time.monotonic() + cfg.decode_deadline_s
     reader = _DeadlineReader(data, deadline)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(reader)
+        img = Image.open(reader)
     except Image.DecompressionBombError as exc:
         result.error = f"too_many_pixels: {clean_detail(str(exc))}"
         return result

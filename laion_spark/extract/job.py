@@ -14,9 +14,16 @@ Transient read errors (S3 503, connection reset, timeouts) are not failure rows:
 re-reads the file (`extract.transient_retries`), then raises so Spark retries the task; on the
 last attempt the file gets one `transient_io` failure row and no file row, so it stays pending.
 
-Dedup: inside each task first (a set of uids), then `groupBy(uid)` + `min_by` (partial
-aggregation map-side: a site-wide logo costs one row per task, not one per page), then an
-anti-join against the `uid` column of `candidates` (still a scan of that column per wave).
+Dedup: inside each task first (a set of uids), then `groupBy(uid)` + `min_by` over the wave
+(partial aggregation map-side: a site-wide logo costs one row per task, not one per page). No
+anti-join against the table: uids are uniform 64-bit hashes, so a wave's new uids meet every
+bucket or uid range of `candidates` once waves are large, and any per-wave lookup reads a share
+of the table that grows with it. So a wave reads nothing of `candidates` (counted in
+tests/test_waves_dedup.py) and a uid may repeat across waves (a later crawl, a replayed file).
+"One row per uid" is a rule of the readers: `lake.read_current("candidates")` (the same min_by
+rule, the `current_candidates` SQL view), which download's plan uses once per run, and
+`laion-spark maintain` rewrites the repeats away. `extract.dedup_against_table` turns the old
+per-wave anti-join back on (cost: the table's uid column per wave).
 """
 from __future__ import annotations
 
@@ -224,21 +231,25 @@ def map_files(spark, files: list[str], ecfg):
     return paths.mapInArrow(extract_partition, _spark_schema(OUTPUT_SCHEMA))
 
 
+CANDIDATE_ORDER = ["source_file", "record_offset", "url", "page_url"]  # min picks a uid's row
+
+
 def dedup_candidates(candidates, existing_uids=None):
     """One row per uid (the first by source file, offset, url, page url, so a re-run picks the
-    same row) via groupBy + min_by, minus the uids `existing_uids` holds."""
-    from pyspark.sql import functions as F
+    same row; the rule of lake.unique_keys["candidates"]) via groupBy + min_by, minus the uids
+    `existing_uids` holds (only with extract.dedup_against_table)."""
+    from laion_spark.lake import one_row_per_key
 
-    order = F.struct("source_file", "record_offset", "url", "page_url")
-    cols = [c for c in candidates.columns if c != "uid"]
-    unique = (candidates.groupBy("uid")
-              .agg(F.min_by(F.struct(*cols), order).alias("_row"))
-              .select("uid", *[F.col(f"_row.{c}").alias(c) for c in cols])
-              .select(*candidates.columns))
+    unique = one_row_per_key(candidates, "uid", CANDIDATE_ORDER)
     if existing_uids is not None:
         # Reads the table's uid column (one int64 column, not its rows) once per wave.
         unique = unique.join(existing_uids, "uid", "left_anti")
     return unique
+
+
+def current_candidates(lake, columns=None):
+    """One row per uid of `candidates` (the reader rule; see the module docstring)."""
+    return lake.read_current(CANDIDATES_TABLE, columns)
 
 
 def extract_stage(spark, cfg: Config, lake, files: list[str]):
