@@ -225,7 +225,7 @@ def report(results: list[dict]) -> str:
         for metric in ("driver_python_peak_mb", "jvm_peak_mb"):
             ys = [float(x.get(metric, 0)) for x in st]
             lines.append(f"| {stage} | {metric} | " + " | ".join(f"{y:g}" for y in ys)
-                         + f" | flat? max {max(ys or [0]):g} | - |")
+                         + f" | max {max(ys or [0]):g} | - |")
     units = " ; ".join(f"{r['size']}x: " + ", ".join(f"{k}={v}" for k, v in r["units"].items()) for r in results)
     return "\n".join(lines) + "\n\nunits: " + units
 
