@@ -182,3 +182,24 @@ def test_backends_share_one_table(spark, tmp_path, first, second):
     assert sorted(r.uid for r in a.read("t").collect()) == [50, 51, 60]
     assert sorted(r.uid for r in b.read("t").collect()) == [50, 51, 60]
     assert sorted(r.uid for r in b.read("t", version=1).collect()) == list(range(10))
+
+
+def test_vacuum_runs_a_bounded_number_of_tasks(spark, lake):
+    # Delta's VACUUM lists files in jobs of spark.sql.sources.parallelPartitionDiscovery.parallelism
+    # tasks (default 10,000): a 3-file table took 26 jobs / 170,483 tasks before lake.vacuum set it
+    # to the cluster's slots (517 after). delta-rs vacuums without Spark: 0 tasks.
+    for i in range(3):
+        lake.append("t", spark.range(i * 10, i * 10 + 10).toDF("uid"), stage="test")
+    sc = spark.sparkContext
+    sc.setJobGroup("lake-vacuum-count", "vacuum")
+    try:
+        lake.vacuum("t", retention_hours=0)
+    finally:
+        sc.setJobGroup("", "")
+    tracker = sc.statusTracker()
+    stages = [tracker.getStageInfo(s) for j in tracker.getJobIdsForGroup("lake-vacuum-count")
+              for s in tracker.getJobInfo(j).stageIds]
+    tasks = sum(s.numTasks for s in stages if s is not None)
+    assert tasks < 2_000, tasks
+    assert spark.conf.get("spark.sql.sources.parallelPartitionDiscovery.parallelism", "10000") == "10000"
+    assert lake.read("t").count() == 30
