@@ -36,14 +36,14 @@ demo: setup
 # 1. The whole suite on pyspark 4.x, stages on delta-rs (the lake and S3 tests run both backends
 #    themselves). 2. The extract and download job tests again on delta-spark. 3. On pyspark 3.5
 #    (EMR 7, Dataproc 2.2): the table layer on both backends, the lake on S3, and every stage's job
-#    tests (extract, download, score, index).
+#    tests (extract, download, score, index) and the extract-wave counting tests.
 SPARK_SMOKE := tests/test_extract_job.py tests/test_download_job.py
 test: setup
 	LAION_LAKE_BACKEND=delta-rs $(BIN)/python -m pytest -q -ra tests
 	LAION_LAKE_BACKEND=delta-spark $(BIN)/python -m pytest -q -ra $(SPARK_SMOKE)
 	LAION_LAKE_BACKEND=delta-rs $(SPARK35)/bin/python -m pytest -q -ra -m spark -k "not extract_and_download" \
 	  tests/test_lake.py tests/test_lake_s3.py tests/test_extract_job.py tests/test_download_job.py \
-	  tests/test_score_pipeline.py tests/test_index_job.py
+	  tests/test_score_pipeline.py tests/test_index_job.py tests/test_waves_dedup.py
 
 clean:
 	rm -rf $(LAKE) .pytest_cache build *.egg-info .jars $(SPARK35)
