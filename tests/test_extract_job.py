@@ -92,7 +92,7 @@ def test_extract_job_tables_dedup_resume_and_crash(spark, lake, real_data, tmp_p
     new_uids = _expected_uids([dolma]) - set(uids)
     assert s4["candidates_written"] == len(_expected_uids([again, dolma])) > len(new_uids) > 0
     assert lake.read("candidates").count() == after_crash + s4["candidates_written"]
-    current = extract_job.current_candidates(lake, ["uid", "source_file"])
+    current = lake.read_current("candidates", ["uid", "source_file"])
     assert current.count() == after_crash + len(new_uids)
     # a repeated uid's row is the same whichever wave wrote it: min source_file (then offset)
     picked = {r["uid"]: r["source_file"] for r in current.collect()}

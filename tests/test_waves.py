@@ -296,9 +296,7 @@ def test_extract_waves_stop_crash_and_log_cleanup(spark, lake, real_data, tmp_pa
     assert got == {str(f) for f in files} and lake.read("extract_files").count() == len(files)
     # Waves 1 and 2 hold the same file's uids (copies; no per-wave anti-join against the table):
     # the table holds them twice, the readers' view once.
-    from laion_spark.extract.job import current_candidates
-
-    uids = [r[0] for r in current_candidates(lake, ["uid"]).collect()]
+    uids = [r[0] for r in lake.read_current("candidates", ["uid"]).collect()]
     assert len(uids) == len(set(uids))
     from laion_spark.extract.extractor import extract_file_table
 

@@ -231,25 +231,18 @@ def map_files(spark, files: list[str], ecfg):
     return paths.mapInArrow(extract_partition, _spark_schema(OUTPUT_SCHEMA))
 
 
-CANDIDATE_ORDER = ["source_file", "record_offset", "url", "page_url"]  # min picks a uid's row
-
-
-def dedup_candidates(candidates, existing_uids=None):
-    """One row per uid (the first by source file, offset, url, page url, so a re-run picks the
-    same row; the rule of lake.unique_keys["candidates"]) via groupBy + min_by, minus the uids
+def dedup_candidates(candidates, unique_key: list[str], existing_uids=None):
+    """One row per uid: the row with the smallest order columns of `unique_key` ([key, *order],
+    `lake.unique_keys["candidates"]`: source file, offset, url, page url, so a re-run picks the
+    same row and the readers' `lake.read_current` agrees) via groupBy + min_by, minus the uids
     `existing_uids` holds (only with extract.dedup_against_table)."""
     from laion_spark.lake import one_row_per_key
 
-    unique = one_row_per_key(candidates, "uid", CANDIDATE_ORDER)
+    unique = one_row_per_key(candidates, unique_key[0], unique_key[1:])
     if existing_uids is not None:
         # Reads the table's uid column (one int64 column, not its rows) once per wave.
         unique = unique.join(existing_uids, "uid", "left_anti")
     return unique
-
-
-def current_candidates(lake, columns=None):
-    """One row per uid of `candidates` (the reader rule; see the module docstring)."""
-    return lake.read_current(CANDIDATES_TABLE, columns)
 
 
 def extract_stage(spark, cfg: Config, lake, files: list[str]):
@@ -275,7 +268,8 @@ def extract_stage(spark, cfg: Config, lake, files: list[str]):
             existing = None
             if ecfg.dedup_against_table and lake.exists(CANDIDATES_TABLE):
                 existing = lake.read(CANDIDATES_TABLE).select("uid")
-            res = lake.append(CANDIDATES_TABLE, dedup_candidates(candidates, existing), stage=STAGE,
+            unique = dedup_candidates(candidates, lake.cfg.unique_keys[CANDIDATES_TABLE], existing)
+            res = lake.append(CANDIDATES_TABLE, unique, stage=STAGE,
                               txn=txn, metadata={"stage": STAGE, "files": len(units)})
             failures = rows.filter(F.col("kind") == KIND_FAILURE).select(*FAILURE_COLUMNS)
             lake.append(FAILURES_TABLE, failures, stage=STAGE, txn=txn)
