@@ -71,6 +71,18 @@ class JobContext:
         return self._lake
 
 
+def configure_logging(level: str = "INFO") -> None:
+    """Concise driver logs: time, stage module, message. (Here, not in spark.py, so a command
+    without Spark does not import pyspark to log.)"""
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("py4j", "urllib3", "PIL", "filelock", "fsspec"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", "-c", default=None,
                         help="YAML config (default: conf/local.yaml)")

@@ -181,14 +181,3 @@ def repartition_by_id(df: DataFrame, n_partitions: int, partition_id) -> DataFra
     if hasattr(df, "repartitionById"):
         return df.repartitionById(n, partition_id)
     return df.repartitionByRange(n, partition_id)
-
-
-def configure_logging(level: str = "INFO") -> None:
-    """Concise driver logs: time, stage module, message."""
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    for noisy in ("py4j", "urllib3", "PIL", "filelock", "fsspec"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -17,11 +17,28 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_every_command_is_registered():
-    parser, modules = build_parser()
+    parser, modules = build_parser(load_all=True)
     names = {c.name for c in COMMANDS}
     assert {"extract", "download", "score", "index", "sql", "demo", "train-demo-clip",
             "export-webdataset"} <= names
     assert modules["sql"] is not None and modules["demo"] is not None
+
+
+def test_only_the_chosen_command_is_imported():
+    """`laion-spark serve` parses its arguments without importing torch, pyspark or faiss (the
+    supervising process of the service held ~438 MB when the CLI imported every stage)."""
+    code = ("import sys; from laion_spark.cli import build_parser; "
+            "p, m = build_parser(['serve', '--index', 'x']); "
+            "a = p.parse_args(['serve', '--index', 'x', '--port', '5']); "
+            "from laion_spark.job import context_from_args; "
+            "from laion_spark.serve.job import build_spec, parse_index_args; "
+            "build_spec(context_from_args(a).cfg, parse_index_args(a.index)); "
+            "print(sorted(m), a.port, sorted(k for k in ('torch', 'pyspark', 'faiss', 'fastapi') "
+            "if k in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, cwd=str(REPO))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["['serve']", "5", "[]"]
 
 
 def test_sql_writes_parquet_and_delta(spark, lake, tmp_path):

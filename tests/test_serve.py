@@ -333,7 +333,8 @@ def test_cli_serves_with_two_workers(truth, tmp_path):
     port = free_port()
     log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "laion_spark.cli", "serve", "--index",
-                             f"demo={index}", "--port", str(port), "--workers", "2"],
+                             f"demo={index}", "--port", str(port), "--workers", "2",
+                             "--set", "serve.nprobe=2"],
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         base = f"http://127.0.0.1:{port}"
@@ -361,6 +362,14 @@ def test_cli_serves_with_two_workers(truth, tmp_path):
                      if 'pid="' in line}
         print("worker pids seen", pids)
         assert len(pids) >= 1
+        # the operator's nprobe replaces the build's (8 in index_params.json)
+        assert requests.get(base + "/api/indices", timeout=5).json()["demo"]["nprobe"] == {
+            "image": 2, "text": 2}
+        # the supervisor only starts workers: no torch, faiss or pyspark imported (was 438 MB)
+        anon = next(int(line.split()[1]) for line in open(f"/proc/{proc.pid}/status")
+                    if line.startswith("RssAnon:"))
+        print("supervisor RssAnon kB", anon)
+        assert anon < 100_000
     finally:
         import signal
 

@@ -9,14 +9,12 @@ must be a clear 4xx, never a 500.
 """
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import numpy as np
@@ -27,36 +25,12 @@ from fastapi import Request
 from laion_spark.config import DownloadConfig, ServeConfig
 from laion_spark.serve import encoders, search
 from laion_spark.serve.encoders import QueryError
+from laion_spark.serve.spec import SPEC_ENV, ServeSpec  # noqa: F401 (SPEC_ENV: workers read it)
 from laion_spark.serve.store import IndexFolder, open_index_folder
 
 log = logging.getLogger(__name__)
 
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
-SPEC_ENV = "LAION_SPARK_SERVE_SPEC"
-
-
-@dataclass
-class ServeSpec:
-    """What every worker needs to build the same app (travels as JSON in an env variable)."""
-
-    indices: list[tuple[str, str]]
-    serve: ServeConfig = field(default_factory=ServeConfig)
-    download: DownloadConfig = field(default_factory=DownloadConfig)
-    clip_model: Optional[str] = None
-    text_model: Optional[str] = None
-    lake_root: Optional[str] = None
-    preload_encoders: bool = True
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> "ServeSpec":
-        d = json.loads(text)
-        return cls(indices=[tuple(x) for x in d["indices"]], serve=ServeConfig(**d["serve"]),
-                   download=DownloadConfig(**d["download"]), clip_model=d.get("clip_model"),
-                   text_model=d.get("text_model"), lake_root=d.get("lake_root"),
-                   preload_encoders=d.get("preload_encoders", True))
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -193,6 +167,8 @@ class Service:
         for name, path in spec.indices:
             self.indices[name] = open_index_folder(name, path, spec.clip_model, spec.text_model,
                                                    spec.lake_root)
+            if self.cfg.nprobe > 0:  # an operator's override of the build's tuned nprobe
+                self.indices[name].nprobe = {m: self.cfg.nprobe for m in self.indices[name].indices}
         self.images = {name: LakeImages(f.lake_root) for name, f in self.indices.items()
                        if f.lake_root and os.path.isdir(os.path.join(f.lake_root, "images"))}
         if spec.preload_encoders:

@@ -9,7 +9,7 @@ import logging
 import os
 from typing import Optional
 
-from laion_spark.serve.app import SPEC_ENV, ServeSpec
+from laion_spark.serve.spec import SPEC_ENV, ServeSpec
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,8 @@ def build_spec(cfg, indices: list[tuple[str, str]], clip_model: Optional[str] = 
 
 
 def serve(spec: ServeSpec, host: str, port: int, workers: int) -> None:
-    """Run uvicorn in this process until interrupted (workers > 1: a supervisor and children)."""
+    """Run uvicorn in this process until interrupted (workers > 1: a supervisor and children;
+    the app, with faiss, torch and FastAPI, is imported by the workers only)."""
     import uvicorn
 
     os.environ[SPEC_ENV] = spec.to_json()
