@@ -147,10 +147,27 @@ def _clean_uri(uri: Optional[str]) -> Optional[str]:
 _SWALLOWED = b"\r\nWARC/1."
 
 
+_CR_VISITS = 16
+
+
 def holds_record_header(block: bytes) -> bool:
-    """Whether a block holds a record header after a line break. (A numpy byte compare was
-    tried: slower in the reader, where each call allocates a block-sized mask.)"""
-    return _SWALLOWED in block
+    """Whether a block holds a record header after a line break (`_SWALLOWED in block`).
+
+    Most blocks hold a `\r` only in their HTTP header (HTML bodies mostly end lines with a bare
+    LF; WAT JSON has none), so the first `_CR_VISITS` `\r` are visited with `find` of one byte
+    (memchr) and the substring search runs only from the next one on: 25 vs 80 ms on the
+    benchmark WARC (126 MB of blocks), where a substring search over a whole block is slowed
+    down by the `.`, `/`, `1` and `\n` of its needle, frequent in HTML. (A numpy byte compare
+    was tried: slower, each call allocates a block-sized mask.)"""
+    find = block.find
+    i = find(b"\r")
+    for _ in range(_CR_VISITS):
+        if i < 0:
+            return False
+        if block.startswith(_SWALLOWED, i):
+            return True
+        i = find(b"\r", i + 1)
+    return i >= 0 and find(_SWALLOWED, i) >= 0
 
 
 def block_digest_ok(rec: RawRecord, digest: Optional[str]) -> bool:
