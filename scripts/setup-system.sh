@@ -2,8 +2,6 @@
 # System packages the suite needs on a fresh Debian machine. Idempotent: installs only what is missing.
 set -euo pipefail
 need=()
-dpkg -s protobuf-compiler >/dev/null 2>&1 || need+=(protobuf-compiler)
-dpkg -s libprotobuf-dev >/dev/null 2>&1 || need+=(libprotobuf-dev)
 command -v java >/dev/null 2>&1 || need+=(openjdk-17-jre-headless)
 command -v shellcheck >/dev/null 2>&1 || need+=(shellcheck)  # tests/test_deploy_files.py lints deploy/
 command -v chromium >/dev/null 2>&1 || need+=(chromium)  # the serve page's browser test (Playwright drives it)

@@ -43,10 +43,10 @@ if [[ $gpu == yes ]]; then
 fi
 echo "laion-spark init action: gpu=$gpu python=$python extras=[$extras]"
 
-# A compiler and protobuf for gcld3, which builds from source.
+# A compiler for any dependency without a wheel for this Python (CLD3 comes as cld3-py wheels).
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
-apt-get install -y -qq g++ protobuf-compiler libprotobuf-dev >/dev/null
+apt-get install -y -qq g++ >/dev/null
 
 torch_spec=torch${torch_version:+==$torch_version}
 if [[ $gpu == no && -n $torch_index ]]; then

