@@ -265,13 +265,19 @@ class limits_off:
 
 
 def limits_cost(path: Path, fmt: str, rounds: int) -> dict:
-    """CPU seconds with and without the limits, taking turns round by round (least kept)."""
+    """CPU seconds with and without the limits, taking turns round by round: the cost from the
+    least of each side, from the medians, and the median of the per-round ratios (a burst of
+    load from elsewhere hits one round of one side: the median ignores it, the least-of too)."""
+    import statistics
+
     on, off = [], []
     for _ in range(rounds):
         on.append(time_ours(path, input_format=fmt)["cpu_s"])
         with limits_off():
             off.append(time_ours(path, input_format=fmt)["cpu_s"])
     return {"on_cpu_s": min(on), "off_cpu_s": min(off), "cost": min(on) / min(off) - 1,
+            "cost_of_medians": statistics.median(on) / statistics.median(off) - 1,
+            "cost_median_of_rounds": statistics.median(a / b for a, b in zip(on, off)) - 1,
             "rounds_on": [round(x, 3) for x in on], "rounds_off": [round(x, 3) for x in off]}
 
 
@@ -307,8 +313,9 @@ def main(argv=None) -> dict:
     for fmt, path in (("warc", warc), ("wat", wat)):
         c = res[f"limits_cost_{fmt}"] = limits_cost(path, fmt, args.limit_rounds)
         print(f"limits, {fmt.upper():4s}: {c['on_cpu_s']:.3f} s with, {c['off_cpu_s']:.3f} s without: "
-              f"{100 * c['cost']:+.1f} % CPU (least of {args.limit_rounds} rounds taking turns; "
-              f"with {c['rounds_on']}, without {c['rounds_off']})")
+              f"{100 * c['cost']:+.1f} % CPU (least of {args.limit_rounds} rounds taking turns); "
+              f"medians {100 * c['cost_of_medians']:+.1f} %, median of the rounds' ratios "
+              f"{100 * c['cost_median_of_rounds']:+.1f} %; with {c['rounds_on']}, without {c['rounds_off']}")
     res["load_average_after_limits"] = os.getloadavg()
     if args.limits_only:
         (OUT / "results-limits.json").write_text(json.dumps(res, indent=1))
@@ -340,7 +347,11 @@ def main(argv=None) -> dict:
         rounds["ours_cc2dataset_rules"].append(time_ours(wat, input_format="wat", min_text_length=1,
                                                          drop_extensions=[]))
         rounds["ours_no_language_id"].append(ours_no_language_id())
+    import statistics
+
     res["wat"] = {k: min(v, key=lambda r: r["cpu_s"]) for k, v in rounds.items()}
+    res["wat"]["ratio_of_medians"] = (statistics.median(r["cpu_s"] for r in rounds["cc2dataset"])
+                                      / statistics.median(r["cpu_s"] for r in rounds["ours"]))
     res["wat"]["cpu_s_all_rounds"] = {k: [round(r["cpu_s"], 3) for r in v] for k, v in rounds.items()}
     ours_wat, cc = res["wat"]["ours"], res["wat"]["cc2dataset"]
     n_records = ours_wat["records"]
@@ -369,7 +380,7 @@ def main(argv=None) -> dict:
     print(f"  ratio ours / cc2dataset: {w['ratio']:.2f}x per core "
           f"(HTML pages/s per core: ours {w['html_pages_per_s_ours']:.0f}, "
           f"cc2dataset {w['html_pages_per_s_cc2dataset']:.0f})")
-    print(f"  CPU s per round: {w['cpu_s_all_rounds']}")
+    print(f"  ratio of the medians: {w['ratio_of_medians']:.2f}x; CPU s per round: {w['cpu_s_all_rounds']}")
     if args.skip_warc:
         (OUT / "results.json").write_text(json.dumps(res, indent=1))
         return res
@@ -388,6 +399,7 @@ def main(argv=None) -> dict:
         w["records_per_s"] = w["records"] / w["cpu_s"]
         res[f"container_wat_{reader}"] = w
 
+    res["load_average_at_end"] = os.getloadavg()
     (OUT / "results.json").write_text(json.dumps(res, indent=1))
     print(f"\nWARC {warc.name}: {res['warc_fastwarc']['html_pages']} HTML pages, "
           f"{warc.stat().st_size / 1e6:.1f} MB gz")
@@ -401,7 +413,8 @@ def main(argv=None) -> dict:
               f"{wi['records_per_s']:8.0f} rec/s: FastWARC {wi['cpu_s'] / f['cpu_s']:.2f}x")
     e2e = res["warc_warcio"]["cpu_s"] / res["warc_fastwarc"]["cpu_s"]
     print(f"  end to end: FastWARC {e2e:.2f}x warcio")
-    print(f"\nresults: {OUT / 'results.json'}")
+    print(f"\nload average: {res['load_average_at_start']} at start, {res['load_average_at_end']} at end; "
+          f"results: {OUT / 'results.json'}")
     return res
 
 
