@@ -8,18 +8,26 @@
    for embedding queries; `txt`: N vectors of the CLIP model's own dimension, for text queries
    encoded by that model (a text query must land in the index's space). Both with url/text
    metadata, served memory-mapped (faiss IO_FLAG_MMAP, Arrow IPC).
-2. Starts `laion-spark serve` (uvicorn, --workers) on 127.0.0.1 over both; a closed-loop load
-   generator on loopback (threads, one keep-alive connection each) at each concurrency: p50/p99
-   latency and QPS for embedding and text queries, then the server's RSS (anonymous and
-   file-backed pages).
-3. clip-retrieval's back (`clip_back`, 2.45.0) over the same two folders (the same image.index
+2. Tunes the served nprobe once per index (kept next to it): the smallest power of two whose
+   recall@10 against exact search reaches --target-recall (0.95) on held-out queries (vectors
+   drawn like the load's, not indexed, not sent in the load; for the text index the demo CLIP's
+   embeddings of held-out query strings). Exact top-10 from the index's own vectors, made again
+   from the build's seed. Written to index_params.json (`nprobe`; the build's as
+   `build_nprobe`) and recall.json (`serve_tuning`); both backs then search at it.
+3. Starts `laion-spark serve` (uvicorn, --workers) on 127.0.0.1 over both; a closed-loop load
+   generator on loopback at each concurrency: p50/p99 latency and QPS for embedding and text
+   queries, the server's CPU per request (from /proc) and the generator's own CPU share; then
+   the server's RSS. Generator: `wrk` (one thread, a Lua script posting the bodies) when
+   installed, else a lean asyncio one; the first thread-per-connection generator is run once at
+   c=1 and 8 to record what it cost.
+4. clip-retrieval's back (`clip_back`, 2.45.0) over the same two folders (the same image.index
    files and the same Arrow metadata, linked into its layout: `image.index` + `metadata/*.arrow`,
    `use_arrow`, `enable_faiss_memory_mapping`), in its own venv (--clip-venv, made here when
    missing: pip install clip-retrieval, with this interpreter's torch linked in rather than
    downloaded again), measured with the same bodies and the same load generator. The top-10 ids
    of a few queries are compared between the two backs (same index, same nprobe → same ids).
-4. Recall@10 of the served index at its nprobe: from recall.json (1,000 held-out queries, exact
-   ground truth, written by the build).
+5. When the tuned nprobe is not 8, both backs again at nprobe 8 (embedding queries): the
+   earlier figures' setting.
 Every query body is the same for both backs: `num_images` 10, `deduplicate` and
 `use_safety_model` true. Ours then runs its three default filters (safe mode on the punsafe
 column, duplicate URLs, near-duplicates on reconstructed vectors); clip back runs its
@@ -33,6 +41,7 @@ import http.client
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -110,9 +119,32 @@ def children(pid: int) -> list[int]:
     return out
 
 
-def load(port: int, bodies: list[bytes], concurrency: int, seconds: float) -> dict:
-    """Closed loop: `concurrency` threads, each with its own keep-alive connection, for about
-    `seconds`; latencies of every answered request."""
+def proc_cpu_s(pids: list[int]) -> float:
+    """User + system CPU seconds so far of these processes (from /proc, clock ticks)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+            total += int(f[11]) + int(f[12])
+        except (FileNotFoundError, IndexError, ValueError):
+            pass
+    return total / tick
+
+
+def _summary(lat_s: list, wall: float, errors: int, concurrency: int, cpu_s: float) -> dict:
+    a = np.array(lat_s) * 1000
+    n = len(a)
+    return {"concurrency": concurrency, "requests": n, "errors": errors,
+            "qps": round(n / wall, 1), "p50_ms": round(float(np.percentile(a, 50)), 2),
+            "p99_ms": round(float(np.percentile(a, 99)), 2),
+            "gen_cpu_ms_per_req": round(cpu_s * 1000 / max(1, n), 3),
+            "gen_cpu_share": round(cpu_s / wall / (os.cpu_count() or 1), 3)}
+
+
+def load_threads(port: int, bodies: list[bytes], concurrency: int, seconds: float) -> dict:
+    """The first generator (kept to measure what it cost): `concurrency` threads, each with its
+    own keep-alive http.client connection, for about `seconds`."""
     lat: list[float] = []
     errors = [0]
     lock = threading.Lock()
@@ -137,6 +169,7 @@ def load(port: int, bodies: list[bytes], concurrency: int, seconds: float) -> di
         with lock:
             lat.extend(mine)
 
+    cpu0 = time.process_time()
     started = time.perf_counter()
     threads = [threading.Thread(target=worker, args=(k,)) for k in range(concurrency)]
     for th in threads:
@@ -144,10 +177,123 @@ def load(port: int, bodies: list[bytes], concurrency: int, seconds: float) -> di
     for th in threads:
         th.join()
     wall = time.perf_counter() - started
-    a = np.array(lat) * 1000
-    return {"concurrency": concurrency, "requests": len(a), "errors": errors[0],
-            "qps": round(len(a) / wall, 1), "p50_ms": round(float(np.percentile(a, 50)), 2),
-            "p99_ms": round(float(np.percentile(a, 99)), 2)}
+    return _summary(lat, wall, errors[0], concurrency, time.process_time() - cpu0)
+
+
+def _requests(port: int, bodies: list[bytes]) -> list[bytes]:
+    return [(f"POST /knn-service HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+             f"Content-Type: application/json\r\nContent-Length: {len(b)}\r\n\r\n").encode()
+            + b for b in bodies]
+
+
+def load_lean(port: int, bodies: list[bytes], concurrency: int, seconds: float) -> dict:
+    """A lean closed loop in one thread (asyncio): `concurrency` keep-alive connections, request
+    bytes encoded beforehand, each answer read as its header block then exactly Content-Length
+    bytes. Its own CPU is measured (process_time) and reported."""
+    import asyncio
+
+    reqs = _requests(port, bodies)
+    lat: list[float] = []
+    errors = [0]
+
+    async def conn(k: int, stop: float) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        i = k
+        while time.perf_counter() < stop:
+            t = time.perf_counter()
+            writer.write(reqs[i % len(reqs)])
+            i += concurrency
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line[:15].lower() == b"content-length:":
+                    length = int(line[15:])
+            await reader.readexactly(length)
+            if head[9:12] != b"200":
+                errors[0] += 1
+            lat.append(time.perf_counter() - t)
+        writer.close()
+
+    async def main() -> float:
+        started = time.perf_counter()
+        await asyncio.gather(*(conn(k, started + seconds) for k in range(concurrency)))
+        return time.perf_counter() - started
+
+    cpu0 = time.process_time()
+    wall = asyncio.run(main())
+    return _summary(lat, wall, errors[0], concurrency, time.process_time() - cpu0)
+
+
+WRK_LUA = r"""
+-- benchmarks/serve.py: POST the bodies of WRK_BODIES (one JSON a line) in turn, each request
+-- formatted once at start; done() prints one JSON line the script parses.
+local reqs, i = {}, 0
+function init(args)
+  for line in io.lines(os.getenv("WRK_BODIES")) do
+    reqs[#reqs + 1] = wrk.format("POST", "/knn-service", {["Content-Type"] = "application/json"}, line)
+  end
+end
+function request()
+  i = i % #reqs + 1
+  return reqs[i]
+end
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format('WRKJSON {"requests": %d, "duration_us": %d, "status_errors": %d, ' ..
+    '"socket_errors": %d, "p50_us": %d, "p99_us": %d}\n', summary.requests, summary.duration,
+    e.status, e.connect + e.read + e.write + e.timeout, latency:percentile(50),
+    latency:percentile(99)))
+end
+"""
+
+
+def load_wrk(port: int, bodies: list[bytes], concurrency: int, seconds: float,
+             workdir: str) -> dict:
+    """wrk (C, one thread, an event loop over `concurrency` keep-alive connections), with a Lua
+    script for the POST bodies; its CPU from its rusage."""
+    lua = os.path.join(workdir, "wrk_bodies.lua")
+    with open(lua, "w") as f:
+        f.write(WRK_LUA)
+    path = os.path.join(workdir, "wrk_bodies.jsonl")
+    with open(path, "wb") as f:
+        f.write(b"\n".join(bodies) + b"\n")
+    proc = subprocess.Popen(["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s",
+                             "--timeout", "60s", "-s", lua, f"http://127.0.0.1:{port}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env=dict(os.environ, WRK_BODIES=path))
+    out = proc.stdout.read().decode()
+    _, status, ru = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    line = next((x for x in out.splitlines() if x.startswith("WRKJSON ")), None)
+    if proc.returncode != 0 or line is None:
+        raise RuntimeError(f"wrk failed ({proc.returncode}): {out[-1000:]}")
+    w = json.loads(line[8:])
+    wall = w["duration_us"] / 1e6
+    cpu = ru.ru_utime + ru.ru_stime
+    n = w["requests"]
+    return {"concurrency": concurrency, "requests": n,
+            "errors": w["status_errors"] + w["socket_errors"], "qps": round(n / wall, 1),
+            "p50_ms": round(w["p50_us"] / 1000, 2), "p99_ms": round(w["p99_us"] / 1000, 2),
+            "gen_cpu_ms_per_req": round(cpu * 1000 / max(1, n), 3),
+            "gen_cpu_share": round(cpu / wall / (os.cpu_count() or 1), 3)}
+
+
+def load(port: int, bodies: list[bytes], concurrency: int, seconds: float, generator: str,
+         server_pids: list[int], workdir: str) -> dict:
+    """One closed-loop point with the chosen generator, plus the server's CPU per request and
+    its share of the machine over the same window (from /proc)."""
+    cpu0, t0 = proc_cpu_s(server_pids), time.perf_counter()
+    if generator == "wrk":
+        r = load_wrk(port, bodies, concurrency, seconds, workdir)
+    elif generator == "lean":
+        r = load_lean(port, bodies, concurrency, seconds)
+    else:
+        r = load_threads(port, bodies, concurrency, seconds)
+    cpu, wall = proc_cpu_s(server_pids) - cpu0, time.perf_counter() - t0
+    r["generator"] = generator
+    r["server_cpu_ms_per_req"] = round(cpu * 1000 / max(1, r["requests"]), 3)
+    r["server_cpu_share"] = round(cpu / wall / (os.cpu_count() or 1), 3)
+    return r
 
 
 CLIP_BACK_RUNNER = r"""
@@ -249,12 +395,21 @@ def clip_back_model(out: str, clip_dir: str) -> str:
 
 
 def clip_back_layout(out: str, name: str, folder: str) -> str:
-    """clip back's folder for one of ours: image.index and metadata/<file>.arrow, linked."""
+    """clip back's folder for one of ours: image.index and metadata/*.arrow, linked. Ours has
+    one metadata.arrow (converted from the single Parquet) or per-part
+    metadata/<first:012d>-<end:012d>.arrow files; clip back concatenates its folder's files in
+    sorted name order, which for the zero-padded part names is id order."""
     d = os.path.join(out, f"clipback-{name}")
     os.makedirs(os.path.join(d, "metadata"), exist_ok=True)
-    for src, dst in ((os.path.join(folder, "image.index"), os.path.join(d, "image.index")),
-                     (os.path.join(folder, "metadata.arrow"),
-                      os.path.join(d, "metadata", "0.arrow"))):
+    links = [(os.path.join(folder, "image.index"), os.path.join(d, "image.index"))]
+    if os.path.exists(os.path.join(folder, "metadata.arrow")):
+        links.append((os.path.join(folder, "metadata.arrow"),
+                      os.path.join(d, "metadata", "0.arrow")))
+    else:
+        links += [(os.path.join(folder, "metadata", f), os.path.join(d, "metadata", f))
+                  for f in sorted(os.listdir(os.path.join(folder, "metadata")))
+                  if f.endswith(".arrow")]
+    for src, dst in links:
         if not os.path.lexists(dst):
             os.symlink(src, dst)
     return d
@@ -285,15 +440,97 @@ def post(port: int, body: bytes, timeout: float = 120) -> tuple[int, bytes]:
 
 
 def measure(port: int, bodies: dict[str, list[bytes]], concurrency: list[int],
-            seconds: float, side: str) -> list[dict]:
+            seconds: float, side: str, generator: str, server_pids: list[int],
+            workdir: str, nprobe: dict) -> list[dict]:
     runs = []
     for kind, kb in bodies.items():
         for c in concurrency:
-            r = load(port, kb, c, seconds)
-            r.update(kind=kind, side=side)
+            r = load(port, kb, c, seconds, generator, server_pids, workdir)
+            r.update(kind=kind, side=side, nprobe=nprobe[{"embedding": "emb",
+                                                          "text": "txt"}[kind]])
             runs.append(r)
             log.info("%s", r)
     return runs
+
+
+def exact_top10(queries: np.ndarray, n: int, dim: int, seed: int, block: int = 100) -> np.ndarray:
+    """Exact inner-product top-10 ids over the index's vectors, made again from the build's seed
+    (`clustered_vectors` is deterministic) and streamed chunk by chunk: nothing of N × dim held."""
+    from laion_spark.index.synthetic import iter_clustered_vectors
+
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    best_s = np.full((len(q), 10), -np.inf, dtype=np.float32)
+    best_i = np.zeros((len(q), 10), dtype=np.int64)
+    for a, _, x in iter_clustered_vectors(n, dim, 1000, seed=seed, latent_dim=32):
+        for qa in range(0, len(q), block):
+            s = q[qa: qa + block] @ x.T
+            top = np.argpartition(-s, 10, axis=1)[:, :10]
+            cand_s = np.concatenate([best_s[qa: qa + block],
+                                     np.take_along_axis(s, top, axis=1)], axis=1)
+            cand_i = np.concatenate([best_i[qa: qa + block], top + a], axis=1)
+            keep = np.argsort(-cand_s, axis=1)[:, :10]
+            best_s[qa: qa + block] = np.take_along_axis(cand_s, keep, axis=1)
+            best_i[qa: qa + block] = np.take_along_axis(cand_i, keep, axis=1)
+    return best_i
+
+
+def tune_served_nprobe(folder: str, n: int, dim: int, seed: int, queries: np.ndarray,
+                       query_kind: str, target: float) -> dict:
+    """The smallest power-of-two nprobe whose recall@10 (against exact search) reaches `target`
+    on held-out queries (autofaiss picks nprobe for a recall the same way), recorded next to the
+    index: index_params.json `nprobe` (what the server searches with; the build's latency-rule
+    value kept as `build_nprobe`) and `serve_tuning` (the recall curve), also in recall.json."""
+    import faiss
+
+    from laion_spark.index.core import recall_at
+
+    pfile = os.path.join(folder, "index_params.json")
+    params = json.load(open(pfile))
+    img = params["indices"]["image"]
+    done = img.get("serve_tuning")
+    if done and done["target_recall@10"] == target and done["queries"] == len(queries) and \
+            done["query_kind"] == query_kind:
+        return done
+    t = time.time()
+    q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    truth = exact_top10(q, n, dim, seed)
+    index = faiss.read_index(os.path.join(folder, "image.index"),
+                             faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+    ivf = faiss.extract_index_ivf(index)
+    curve, chosen = [], None
+    nprobe = 1
+    while nprobe <= min(ivf.nlist, 64):
+        _, found = index.search(np.ascontiguousarray(q, dtype=np.float32), 10,
+                                params=faiss.SearchParametersIVF(nprobe=nprobe))
+        r = recall_at(found, truth, 10)
+        curve.append({"nprobe": nprobe, "recall@10": round(r, 4)})
+        if r >= target and chosen is None:
+            chosen = nprobe
+        if chosen is not None and nprobe >= max(8, chosen):  # 8: the figures for continuity
+            break
+        nprobe *= 2
+    if max(c["recall@10"] for c in curve) < 0.5:  # vectors made again ≠ the indexed ones
+        raise RuntimeError(f"{folder}: exact ids do not match the index (curve {curve})")
+    if chosen is None:
+        chosen = curve[-1]["nprobe"]
+    tuning = {"target_recall@10": target, "queries": len(q), "query_kind": query_kind,
+              "nprobe": chosen, "curve": curve, "seconds": round(time.time() - t, 1),
+              "rule": "smallest power of two with recall@10 >= target against exact search "
+                      "(benchmarks/serve.py)"}
+    img.setdefault("build_nprobe", img["nprobe"])
+    img["nprobe"] = chosen
+    img["serve_tuning"] = tuning
+    with open(pfile + ".tmp", "w") as f:
+        json.dump(params, f, indent=2)
+    os.replace(pfile + ".tmp", pfile)
+    rfile = os.path.join(folder, "recall.json")
+    rec = json.load(open(rfile))
+    rec["indices"]["image"]["serve_tuning"] = tuning
+    with open(rfile + ".tmp", "w") as f:
+        json.dump(rec, f, indent=2)
+    os.replace(rfile + ".tmp", rfile)
+    log.info("%s: served nprobe %d (%s)", folder, chosen, curve)
+    return tuning
 
 
 def in_process_steps(folder_path: str, bodies: list[bytes], warm: int = 50) -> dict:
@@ -362,6 +599,13 @@ def main() -> None:
                     help="venv for clip-retrieval's back ('' = do not run it)")
     ap.add_argument("--clip-port", type=int, default=18235)
     ap.add_argument("--skip-ours", action="store_true", help="measure clip back only")
+    ap.add_argument("--generator", choices=["wrk", "lean", "threads"], default=None,
+                    help="load generator (default: wrk when installed, else the lean asyncio one)")
+    ap.add_argument("--target-recall", type=float, default=0.95,
+                    help="served nprobe: the smallest with recall@10 >= this (held-out queries)")
+    ap.add_argument("--tune-queries", type=int, default=300)
+    ap.add_argument("--continuity-nprobe", type=int, default=8,
+                    help="embedding queries also at this nprobe (the earlier figures)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     os.makedirs(args.out, exist_ok=True)
@@ -406,93 +650,149 @@ def main() -> None:
     q = q + rng.standard_normal(q.shape).astype(np.float32) * 0.02
     common = {"modality": "image", "num_images": 10, "num_result_ids": 10,
               "deduplicate": True, "use_safety_model": True}
+    # The last --tune-queries vectors / strings tune nprobe; the others are the load's bodies.
+    nt = args.tune_queries
     bodies = {"embedding": [json.dumps(dict(common, indice_name="emb", embedding_input=v.tolist(
-    ))).encode() for v in q]}
+    ))).encode() for v in q[:-nt]]}
+    words = np.array(WORDS)
+    texts = [" ".join(words[rng.integers(0, len(WORDS), 4)]) for _ in range(500 + nt)]
     if "txt" in folders:
-        words = np.array(WORDS)
-        bodies["text"] = [json.dumps(dict(common, indice_name="txt", text=" ".join(
-            words[rng.integers(0, len(WORDS), 4)]))).encode() for _ in range(500)]
+        bodies["text"] = [json.dumps(dict(common, indice_name="txt", text=t)).encode()
+                          for t in texts[:500]]
     probe = {k: v[:20] for k, v in bodies.items()}
+
+    # The served nprobe: the smallest reaching --target-recall on held-out queries (once, kept
+    # next to the index); both backs then search at it.
+    t_q = q[-nt:]  # not indexed, not sent in the load below
+    results["emb_tuning"] = tune_served_nprobe(emb_dir, args.n, args.dim, 0, t_q, "embedding",
+                                               args.target_recall)
+    if "txt" in folders:
+        from laion_spark.serve.encoders import get_encoder
+
+        enc = get_encoder(args.clip_model, None, "cpu")
+        t_t = np.stack([enc.embed_text(x) for x in texts[500:]])
+        results["txt_tuning"] = tune_served_nprobe(
+            folders["txt"], args.text_n or args.n, t_t.shape[1], 1, t_t,
+            "text (demo CLIP, the bench's own query strings)", args.target_recall)
+    nprobes = {n: json.load(open(os.path.join(d, "index_params.json")))["indices"]["image"][
+        "nprobe"] for n, d in folders.items()}
+    results["served_nprobe"] = nprobes
     results["in_process_p50_ms"] = in_process_steps(emb_dir, bodies["embedding"][:550])
     log.info("in-process steps, p50 ms: %s", results["in_process_p50_ms"])
+    generator = args.generator or ("wrk" if shutil.which("wrk") else "lean")
+    results["generator"] = generator
     ids: dict = {}
     runs: list = []
     env = dict(os.environ, PYTHONPATH=str(REPO))
+    # Pass "tuned": both kinds at the served nprobe. Pass "nprobe8": embedding queries at the
+    # build's nprobe 8 (the earlier figures), when the tuned one differs.
+    passes = [("tuned", nprobes, bodies)]
+    if nprobes["emb"] != args.continuity_nprobe:
+        passes.append((f"nprobe{args.continuity_nprobe}",
+                       dict(nprobes, emb=args.continuity_nprobe),
+                       {"embedding": bodies["embedding"]}))
 
-    if not args.skip_ours:
+    for pass_name, np_pass, pass_bodies in passes:
+        if args.skip_ours:
+            break
         cmd = [sys.executable, "-m", "laion_spark.cli", "serve", "--port", str(args.port),
                "--workers", str(args.workers)]
+        if np_pass != nprobes:
+            cmd += ["--set", f"serve.nprobe={np_pass['emb']}"]
         for name, d in folders.items():
-            cmd += ["--index", f"{name}={d}"]
+            if name == "emb" or pass_name == "tuned":  # the nprobe8 pass: embedding only
+                cmd += ["--index", f"{name}={d}"]
         log_path = os.path.join(args.out, "server.log")
         server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
                                   stderr=open(log_path, "w"))
         try:
             started = wait_ready(server, args.port, log_path)
             time.sleep(3)  # let every worker finish its start
-            results["server_start_s"] = round(started + 3, 1)
-            results["rss_idle"] = rss(children(server.pid))
-            ids["ours"] = {k: top_ids(args.port, v) for k, v in probe.items()}
-            runs += measure(args.port, bodies, concurrency, args.seconds, "ours")
-            results["rss_after"] = rss(children(server.pid))
-            big = json.dumps(dict(common, indice_name="emb", embedding_input=q[0].tolist(),
-                                  num_images=10000, num_result_ids=10000)).encode()
-            lat = []
-            for _ in range(5):
-                t = time.perf_counter()
-                status, data = post(args.port, big)
-                n_rows = len(json.loads(data))
-                lat.append((time.perf_counter() - t) * 1000)
-            results["large_k_10000"] = {"rows": n_rows,
-                                        "p50_ms": round(float(np.median(lat)), 1)}
+            pids = children(server.pid)
+            if pass_name == "tuned":
+                results["server_start_s"] = round(started + 3, 1)
+                results["rss_idle"] = rss(pids)
+                results["server_processes"] = {
+                    str(p): open(f"/proc/{p}/cmdline").read().replace("\0", " ")[:120]
+                    for p in pids}
+                ids["ours"] = {k: top_ids(args.port, v) for k, v in probe.items()}
+                if generator != "threads":  # what the first generator cost, for the record
+                    for c in (1, 8):
+                        r = load(args.port, bodies["embedding"], c, min(args.seconds, 8),
+                                 "threads", pids, args.out)
+                        r.update(kind="embedding", side="ours", nprobe=np_pass["emb"],
+                                 pass_name="generator_check")
+                        results.setdefault("threads_generator_check", []).append(r)
+                        log.info("threads generator: %s", r)
+            for r in measure(args.port, pass_bodies, concurrency, args.seconds, "ours",
+                             generator, pids, args.out, np_pass):
+                r["pass_name"] = pass_name
+                runs.append(r)
+            if pass_name == "tuned":
+                results["rss_after"] = rss(pids)
+                big = json.dumps(dict(common, indice_name="emb", embedding_input=q[0].tolist(),
+                                      num_images=10000, num_result_ids=10000)).encode()
+                lat = []
+                for _ in range(5):
+                    t = time.perf_counter()
+                    status, data = post(args.port, big)
+                    n_rows = len(json.loads(data))
+                    lat.append((time.perf_counter() - t) * 1000)
+                results["large_k_10000"] = {"rows": n_rows,
+                                            "p50_ms": round(float(np.median(lat)), 1)}
         finally:
             server.terminate()
             server.wait(timeout=60)
 
+    py = None
     if args.clip_venv:
         t = time.time()
         try:
             py = ensure_clip_venv(args.clip_venv)
         except (subprocess.CalledProcessError, OSError) as exc:
             results["clip_back_error"] = f"venv: {exc}"
-            py = None
         results["clip_venv_s"] = round(time.time() - t, 1)
         if py and not args.clip_model:
             results["clip_back_error"] = "clip back loads a CLIP model at start: give --clip-model"
-        elif py:
-            layout = {name: clip_back_layout(args.out, name, d) for name, d in folders.items()}
-            paths = os.path.join(args.out, "clip_back_indices.json")
-            with open(paths, "w") as f:
-                json.dump(layout, f)
-            runner = os.path.join(args.out, "clip_back_runner.py")
-            with open(runner, "w") as f:
-                f.write(CLIP_BACK_RUNNER)
-            spec = {"indices_paths": paths, "port": args.clip_port,
-                    "clip_dir": clip_back_model(args.out, args.clip_model), "max_tokens": 48 if not args.clip_model
-                    else int(json.load(open(os.path.join(args.clip_model, "config.json")))
-                             ["text_config"].get("max_position_embeddings", 77)),
-                    "nprobe": {os.path.join(layout[n], "image.index"): nprobes[n]
-                               for n in layout},
-                    "columns": ["url", "text", "similarity", "punsafe", "pwatermark", "width",
-                                "height", "uid"]}
-            log_path = os.path.join(args.out, "clip_back.log")
-            t = time.time()
-            clip = subprocess.Popen([py, runner, json.dumps(spec)], stdout=subprocess.DEVNULL,
-                                    stderr=open(log_path, "w"),
-                                    env={k: v for k, v in os.environ.items()
-                                         if k not in ("PYTHONPATH", "VIRTUAL_ENV")})
-            try:
-                results["clip_back_start_s"] = round(wait_ready(clip, args.clip_port, log_path),
-                                                     1)
-                results["clip_back_rss_idle"] = rss(children(clip.pid))
+            py = None
+    for pass_name, np_pass, pass_bodies in passes if py else []:
+        layout = {name: clip_back_layout(args.out, name, d) for name, d in folders.items()}
+        paths = os.path.join(args.out, "clip_back_indices.json")
+        with open(paths, "w") as f:
+            json.dump(layout, f)
+        runner = os.path.join(args.out, "clip_back_runner.py")
+        with open(runner, "w") as f:
+            f.write(CLIP_BACK_RUNNER)
+        cfg = json.load(open(os.path.join(args.clip_model, "config.json")))
+        spec = {"indices_paths": paths, "port": args.clip_port,
+                "clip_dir": clip_back_model(args.out, args.clip_model),
+                "max_tokens": int(cfg["text_config"].get("max_position_embeddings", 77)),
+                "nprobe": {os.path.join(layout[n], "image.index"): np_pass[n] for n in layout},
+                "columns": ["url", "text", "similarity", "punsafe", "pwatermark", "width",
+                            "height", "uid"]}
+        log_path = os.path.join(args.out, "clip_back.log")
+        clip = subprocess.Popen([py, runner, json.dumps(spec)], stdout=subprocess.DEVNULL,
+                                stderr=open(log_path, "w"),
+                                env={k: v for k, v in os.environ.items()
+                                     if k not in ("PYTHONPATH", "VIRTUAL_ENV")})
+        try:
+            start_s = round(wait_ready(clip, args.clip_port, log_path), 1)
+            pids = children(clip.pid)
+            if pass_name == "tuned":
+                results["clip_back_start_s"] = start_s
+                results["clip_back_rss_idle"] = rss(pids)
                 ids["clip_back"] = {k: top_ids(args.clip_port, v) for k, v in probe.items()}
-                runs += measure(args.clip_port, bodies, concurrency, args.seconds, "clip_back")
-                results["clip_back_rss_after"] = rss(children(clip.pid))
-            except RuntimeError as exc:
-                results["clip_back_error"] = str(exc) + ": " + open(log_path).read()[-2000:]
-            finally:
-                clip.terminate()
-                clip.wait(timeout=60)
+            for r in measure(args.clip_port, pass_bodies, concurrency, args.seconds,
+                             "clip_back", generator, pids, args.out, np_pass):
+                r["pass_name"] = pass_name
+                runs.append(r)
+            if pass_name == "tuned":
+                results["clip_back_rss_after"] = rss(pids)
+        except RuntimeError as exc:
+            results["clip_back_error"] = str(exc) + ": " + open(log_path).read()[-2000:]
+        finally:
+            clip.terminate()
+            clip.wait(timeout=60)
     if "ours" in ids and "clip_back" in ids:
         results["top10_same_ids"] = {
             k: round(float(np.mean([len(set(a) & set(b)) / max(1, len(a)) for a, b in zip(
@@ -503,12 +803,21 @@ def main() -> None:
     with open(out, "w") as f:
         json.dump(results, f, indent=2)
     print(json.dumps(results, indent=2))
-    print("\n| back | queries | concurrency | p50 ms | p99 ms | QPS | errors |\n"
-          "|---|---|---|---|---|---|---|")
-    for r in runs:
-        print(f"| {r['side']} | {r['kind']} | {r['concurrency']} | {r['p50_ms']} | "
-              f"{r['p99_ms']} | {r['qps']} | {r['errors']} |")
-
+    print("\n| pass | queries | c | nprobe | ours p50 / p99 ms | ours QPS | clip back p50 / p99 ms "
+          "| clip back QPS | ratio | server CPU ms/req ours / clip | generator CPU share "
+          "ours / clip | errors |\n" + "|---" * 12 + "|")
+    by = {(r["pass_name"], r["kind"], r["concurrency"], r["side"]): r for r in runs}
+    for (pn, kind, c, side), r in by.items():
+        if side != "ours":
+            continue
+        o, k = r, by.get((pn, kind, c, "clip_back"))
+        kq = f"{k['p50_ms']} / {k['p99_ms']}" if k else "-"
+        print(f"| {pn} | {kind} | {c} | {o['nprobe']} | {o['p50_ms']} / {o['p99_ms']} | "
+              f"{o['qps']} | {kq} | {k['qps'] if k else '-'} | "
+              f"{round(o['qps'] / k['qps'], 1) if k else '-'}x | "
+              f"{o['server_cpu_ms_per_req']} / {k['server_cpu_ms_per_req'] if k else '-'} | "
+              f"{o['gen_cpu_share']} / {k['gen_cpu_share'] if k else '-'} | "
+              f"{o['errors']} / {k['errors'] if k else '-'} |")
 
 if __name__ == "__main__":
     main()

@@ -62,6 +62,16 @@ def test_indices_list_and_result_fields(url, client_module):
         assert {"id", "similarity", "url", "caption", "punsafe", "clip_similarity"} <= set(r)
     sims = [r["similarity"] for r in res]
     assert sims == sorted(sims, reverse=True)
+    # the search paths' own ASGI fast path: CORS for a front on another origin, thumbnails
+    # addressed to this server, the same errors and the same answer on /api/search
+    r = requests.post(url + "/knn-service", timeout=30, headers={"Origin": "http://x.test"},
+                      data=json.dumps({"indice_name": "demo", "text": "a red circle"}))
+    assert r.headers["access-control-allow-origin"] == "*"
+    assert r.headers["content-type"] == "application/json"
+    assert all(x["thumbnail"] == f"{url}/api/image/demo/{x['id']}" for x in r.json())
+    api = requests.post(url + "/api/search", timeout=30,
+                        data=json.dumps({"indice_name": "demo", "text": "a red circle"})).json()
+    assert [x["id"] for x in api["results"]] == [x["id"] for x in r.json()]
 
 
 def test_text_queries_find_their_scenes(url, truth, client_module):

@@ -9,12 +9,16 @@ must be a clear 4xx, never a 500.
 """
 from __future__ import annotations
 
+import asyncio
+import bisect
 import io
+import itertools
 import json
 import logging
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional
 
 import numpy as np
@@ -51,11 +55,10 @@ class Metrics:
             self.requests[(path, status)] = self.requests.get((path, status), 0) + 1
 
     def observe(self, step: str, seconds: float) -> None:
+        i = bisect.bisect_left(self.BUCKETS, seconds)  # its own bucket; render() accumulates
         with self.lock:
-            h = self.hist.setdefault(step, [[0] * len(self.BUCKETS), 0, 0.0])
-            for i, b in enumerate(self.BUCKETS):
-                if seconds <= b:
-                    h[0][i] += 1
+            h = self.hist.setdefault(step, [[0] * (len(self.BUCKETS) + 1), 0, 0.0])
+            h[0][i] += 1
             h[1] += 1
             h[2] += seconds
 
@@ -75,7 +78,7 @@ class Metrics:
             lines += ["# HELP laion_serve_step_seconds time per step of a search",
                       "# TYPE laion_serve_step_seconds histogram"]
             for step, (counts, n, total) in sorted(self.hist.items()):
-                for b, c in zip(self.BUCKETS, counts):
+                for b, c in zip(self.BUCKETS, itertools.accumulate(counts)):
                     lines.append(f'laion_serve_step_seconds_bucket{{step="{step}",le="{b}",'
                                  f'pid="{pid}"}} {c}')
                 lines.append(f'laion_serve_step_seconds_bucket{{step="{step}",le="+Inf",'
@@ -122,6 +125,86 @@ class CountRequests:
                 self.metrics.request(path, status[0])
             if path in self.TIMED:
                 self.metrics.observe(self.TIMED[path], time.perf_counter() - started)
+
+
+def parse_json_body(raw: bytes) -> Any:
+    """A request body as JSON (orjson; Python's json as a fallback, which reads NaN/Infinity so
+    the field check can name them); QueryError when empty or malformed."""
+    if not raw.strip():
+        raise QueryError("bad_json", "empty body: send a JSON object")
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        try:
+            return json.loads(raw)
+        except (ValueError, RecursionError):
+            raise QueryError("bad_json", f"body is not valid JSON: {exc}") from exc
+
+
+def base_url(scope) -> str:
+    """The server's own base URL as the client addressed it (as Starlette's request.base_url):
+    scheme, Host header (else the bound address), root path; no trailing slash."""
+    host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), None)
+    if host is None:
+        addr, port = scope.get("server") or ("127.0.0.1", 80)
+        host = f"{addr}:{port}"
+    return f"{scope.get('scheme', 'http')}://{host}{scope.get('root_path', '')}".rstrip("/")
+
+
+class FastSearch:
+    """POST /knn-service and /api/search answered on the raw ASGI messages, ahead of FastAPI's
+    routing, Request object, CORS middleware and response classes, which cost more CPU per
+    request than the search core itself on a small index (README, Benchmark). The same
+    search (`handle`, in the thread pool: faiss releases the GIL) and the same answers and
+    4xx errors as the routes (which stay for the OpenAPI schema and any other method)."""
+
+    PATHS = frozenset(("/knn-service", "/api/search"))
+
+    def __init__(self, app, handle, max_body_bytes: int, threads: int = 8):
+        self.app, self.handle, self.max_body_bytes = app, handle, max_body_bytes
+        # asyncio's executor hop, not anyio's to_thread (Starlette's run_in_threadpool): the
+        # latter's limiter and cancel scopes cost ~0.1 ms CPU per request on the event loop.
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="search")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST" or \
+                scope["path"] not in self.PATHS:
+            await self.app(scope, receive, send)
+            return
+        length, origin = None, False
+        for k, v in scope["headers"]:
+            if k == b"content-length":
+                length = v
+            elif k == b"origin":
+                origin = True
+        try:
+            if length and length.isdigit() and int(length) > self.max_body_bytes:
+                raise QueryError("body_too_large", f"body of {length.decode()} bytes is over "
+                                 f"{self.max_body_bytes}", 413)
+            chunks, size = [], 0
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > self.max_body_bytes:
+                    raise QueryError("body_too_large", f"body over {self.max_body_bytes} bytes",
+                                     413)
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    break
+            status, payload = 200, await asyncio.get_running_loop().run_in_executor(
+                self.pool, self.handle, scope["path"], b"".join(chunks), base_url(scope))
+        except QueryError as exc:
+            status, payload = exc.status, orjson.dumps({"error": exc.code,
+                                                        "message": exc.detail})
+        headers = [(b"content-type", b"application/json"),
+                   (b"content-length", str(len(payload)).encode())]
+        if origin:  # as the CORS middleware answers any origin (allow_origins=["*"])
+            headers.append((b"access-control-allow-origin", b"*"))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
 
 
 # ----------------------------------------------------------------------------- images
@@ -217,7 +300,10 @@ def create_app(spec: ServeSpec):
     cfg = svc.cfg
     app = FastAPI(title="laion-spark search",
                   description="clip-retrieval compatible search over laion-spark indices; our "
-                              "additions under /api/.", version="1")
+                              "additions under /api/.", version="1",
+                  # FastAPI's OpenTelemetry hooks: off (/metrics is ours); their per-request
+                  # "is a provider configured" check showed in the worker's profile
+                  telemetry={"tracing": False, "metrics": False, "logs": False})
     app.state.service = svc
     # clip-retrieval's front may be served from another origin and call this back (as clip back).
     app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["GET", "POST"],
@@ -241,24 +327,12 @@ def create_app(spec: ServeSpec):
             if size > cfg.max_body_bytes:
                 raise QueryError("body_too_large", f"body over {cfg.max_body_bytes} bytes", 413)
             chunks.append(chunk)
-        raw = b"".join(chunks)
-        if not raw.strip():
-            raise QueryError("bad_json", "empty body: send a JSON object")
-        try:
-            return orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            try:  # Python's json writes NaN/Infinity: parse it so the field check names it
-                return json.loads(raw)
-            except (ValueError, RecursionError):
-                raise QueryError("bad_json", f"body is not valid JSON: {exc}") from exc
+        return parse_json_body(b"".join(chunks))
 
-    app.add_middleware(CountRequests, metrics=svc.metrics)
-
-    def add_thumbnails(request: Request, indice: str, rows: list) -> None:
+    def add_thumbnails(base: str, indice: str, rows: list) -> None:
         """`thumbnail`: an absolute URL of the row's image on this server (lake bytes or a
         redirect), for clients such as clip-retrieval's front (`urlColumn: thumbnail`) whose
         page lives on another origin."""
-        base = str(request.base_url).rstrip("/")
         for r in rows:
             if "url" in r:
                 r["thumbnail"] = f"{base}/api/image/{indice}/{r['id']}"
@@ -280,22 +354,34 @@ def create_app(spec: ServeSpec):
             result = await run_in_threadpool(do_search, body)
         except QueryError as exc:
             return error(exc)
-        add_thumbnails(request, result.indice_name, result.rows)
+        add_thumbnails(str(request.base_url).rstrip("/"), result.indice_name, result.rows)
         return result
+
+    def answer(result: search.SearchResult, path: str) -> Any:
+        if path == "/knn-service":
+            return result.rows
+        return {"results": result.rows, "removed": result.removed,
+                "retrieved": result.retrieved, "returned": len(result.rows),
+                "query_kind": result.query_kind, "timings_ms": result.timings_ms}
+
+    def handle(path: str, raw: bytes, base: str) -> bytes:
+        """FastSearch's work for one request, in a pool thread: parse, search, encode."""
+        result = do_search(parse_json_body(raw))
+        add_thumbnails(base, result.indice_name, result.rows)
+        return orjson.dumps(answer(result, path), option=orjson.OPT_SERIALIZE_NUMPY)
+
+    app.add_middleware(FastSearch, handle=handle, max_body_bytes=cfg.max_body_bytes)
+    app.add_middleware(CountRequests, metrics=svc.metrics)
 
     @app.post("/knn-service", summary="clip-retrieval's search: a list of results in rank order")
     async def knn_service(request: Request):
         result = await searched(request)
-        return result if isinstance(result, Response) else dumps(result.rows)
+        return result if isinstance(result, Response) else dumps(answer(result, "/knn-service"))
 
     @app.post("/api/search", summary="search with our filters; results, removed counts, timings")
     async def api_search(request: Request):
         result = await searched(request)
-        if isinstance(result, Response):
-            return result
-        return dumps({"results": result.rows, "removed": result.removed,
-                      "retrieved": result.retrieved, "returned": len(result.rows),
-                      "query_kind": result.query_kind, "timings_ms": result.timings_ms})
+        return result if isinstance(result, Response) else dumps(answer(result, "/api/search"))
 
     async def read_ids(request: Request, limit: int):
         """(body, index folder, checked ids) of an `{indice_name, ids}` request."""
