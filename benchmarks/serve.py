@@ -444,6 +444,9 @@ def measure(port: int, bodies: dict[str, list[bytes]], concurrency: list[int],
             workdir: str, nprobe: dict) -> list[dict]:
     runs = []
     for kind, kb in bodies.items():
+        # 3 s of load first, not measured, for both backs alike: the first requests of a fresh
+        # server map the index's pages into each worker and warm its caches
+        load(port, kb, 8, 3, generator, server_pids, workdir)
         for c in concurrency:
             r = load(port, kb, c, seconds, generator, server_pids, workdir)
             r.update(kind=kind, side=side, nprobe=nprobe[{"embedding": "emb",

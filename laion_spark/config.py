@@ -248,6 +248,7 @@ class ServeConfig:
     near_dup_max_results: int = 5_000  # the near-dup pass covers this many best results (n² cost)
     large_k_nprobe_per: int = 3_000  # k >= 100k: nprobe raised to ceil(k / this), as clip back
     nprobe: int = 0  # > 0: every IVF index searched at this nprobe; 0: the folder's index_params.json
+    min_candidates_per_k: float = 3.0  # nprobe raised so the probed lists hold ~this × k vectors
     export_max_rows: int = 10_000  # rows one export may hold
     columns_to_return: list[str] = field(default_factory=lambda: [
         "url", "caption", "similarity", "punsafe", "pwatermark", "width", "height", "uid",

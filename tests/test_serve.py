@@ -459,3 +459,23 @@ def test_metadata_pylists_read_buffers_like_arrow_take(tmp_path):
         for c in cols:
             assert got[c] == want[c], c
         assert got["uid"] == [table.column("uid")[int(i)].as_py() for i in ids]
+
+
+def test_large_k_raises_a_small_nprobe():
+    """A tuned nprobe of 1 must not cap a large k at one list's vectors: the search probes
+    enough lists to hold ~3 × k vectors; a small k keeps the tuned nprobe."""
+    import faiss
+
+    from laion_spark.serve.store import IndexFolder
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4000, 16)).astype(np.float32)
+    index = faiss.index_factory(16, "IVF64,Flat", faiss.METRIC_INNER_PRODUCT)
+    index.train(x)
+    index.add(x)
+    folder = IndexFolder("t", "/nonexistent", {"image": index}, None, 16, {"image": 1}, None, None)
+    _, ids, _ = folder.search("image", x[0], 1000, reconstruct=False)
+    assert (ids >= 0).sum() == 1000  # one list holds ~62 vectors
+    _, ids_small, _ = folder.search("image", x[0], 10, reconstruct=False)
+    one = faiss.SearchParametersIVF(nprobe=1)
+    assert ids_small.tolist() == index.search(x[:1], 10, params=one)[1][0].tolist()

@@ -248,7 +248,8 @@ def run_search(q: Query, folder: IndexFolder, cfg: ServeConfig, dcfg: DownloadCo
     t = time.perf_counter()
     sims, ids, vecs = folder.search(q.modality, query, q.num_result_ids,
                                     reconstruct=q.deduplicate, large_k_nprobe_per=
-                                    cfg.large_k_nprobe_per)
+                                    cfg.large_k_nprobe_per,
+                                    min_candidates_per_k=cfg.min_candidates_per_k)
     timings["knn_ms"] = _ms(t)
     valid = ids >= 0
     sims, ids = sims[valid], ids[valid]

@@ -241,11 +241,13 @@ class IndexFolder:
         return self.metadata.n
 
     def search(self, modality: str, query: np.ndarray, k: int, reconstruct: bool,
-               large_k_nprobe_per: int = 3000):
+               large_k_nprobe_per: int = 3000, min_candidates_per_k: float = 3.0):
         """(similarities, ids, vectors or None) of the top k; ids -1 where fewer than k exist.
 
-        k ≥ 100k raises nprobe to ceil(k / large_k_nprobe_per) for this search (clip back's
-        rule: a large k from a few lists would stop short)."""
+        A large k from a few lists would stop short, so nprobe is raised for this search until
+        the probed lists hold about min_candidates_per_k × k vectors on average (a small tuned
+        nprobe, e.g. 1 of 1,024 lists on 1M, holds ~1,000), and for k ≥ 100k to
+        ceil(k / large_k_nprobe_per) (clip back's rule)."""
         index = self.indices[modality]
         q = np.ascontiguousarray(query.reshape(1, -1), dtype=np.float32)
         k = max(1, min(int(k), max(1, index.ntotal)))
@@ -254,6 +256,8 @@ class IndexFolder:
         ivf = faiss.try_extract_index_ivf(index)
         if ivf is not None:
             want = nprobe or ivf.nprobe
+            want = max(want, math.ceil(min_candidates_per_k * k * ivf.nlist
+                                       / max(1, ivf.ntotal)))
             if k >= 100_000:
                 want = max(want, math.ceil(k / large_k_nprobe_per))
             params = faiss.SearchParametersIVF(nprobe=int(min(want, ivf.nlist)))
