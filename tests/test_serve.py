@@ -208,6 +208,9 @@ def test_metadata_paging_and_large_k(url, truth):
                                                              "ids": ids}), timeout=30).json()
     assert [m["id"] for m in meta] == ids
     assert all(m["metadata"]["url"] == truth["rows"][m["id"]]["url"] for m in meta)
+    # clip-retrieval's front scrolls through /metadata and shows `thumbnail`: an absolute URL here
+    assert all(m["metadata"]["thumbnail"] == f"{url}/api/image/demo/{m['id']}" for m in meta)
+    assert requests.get(meta[0]["metadata"]["thumbnail"], timeout=30).status_code == 200
 
 
 def test_hostile_input_gets_a_clear_4xx(url, truth):

@@ -398,7 +398,7 @@ def create_app(spec: ServeSpec):
         except QueryError as exc:
             return error(exc)
         rows = await run_in_threadpool(search.rows_for, folder, ids)
-        add_thumbnails(request, folder.name, rows)
+        add_thumbnails(str(request.base_url).rstrip("/"), folder.name, rows)
         return dumps([{"id": r.pop("id"), "metadata": r} for r in rows])
 
     @app.get("/indices-list", summary="names of the served indices")
