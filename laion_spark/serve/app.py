@@ -347,16 +347,6 @@ def create_app(spec: ServeSpec):
         svc.metrics.count_removed(result.removed)
         return result
 
-    async def searched(request: Request):
-        """The request's search with thumbnails added, or the 4xx response."""
-        try:
-            body = await read_json(request)
-            result = await run_in_threadpool(do_search, body)
-        except QueryError as exc:
-            return error(exc)
-        add_thumbnails(str(request.base_url).rstrip("/"), result.indice_name, result.rows)
-        return result
-
     def answer(result: search.SearchResult, path: str) -> Any:
         if path == "/knn-service":
             return result.rows
@@ -364,24 +354,38 @@ def create_app(spec: ServeSpec):
                 "retrieved": result.retrieved, "returned": len(result.rows),
                 "query_kind": result.query_kind, "timings_ms": result.timings_ms}
 
-    def handle(path: str, raw: bytes, base: str) -> bytes:
-        """FastSearch's work for one request, in a pool thread: parse, search, encode."""
-        result = do_search(parse_json_body(raw))
+    def search_answer(path: str, body: Any, base: str) -> bytes:
+        """One search request's answer (search, thumbnails, encode), in a pool thread: the one
+        implementation behind FastSearch and the routes."""
+        result = do_search(body)
         add_thumbnails(base, result.indice_name, result.rows)
         return orjson.dumps(answer(result, path), option=orjson.OPT_SERIALIZE_NUMPY)
+
+    def handle(path: str, raw: bytes, base: str) -> bytes:
+        """FastSearch's work for one request: parse, then search_answer."""
+        return search_answer(path, parse_json_body(raw), base)
+
+    async def routed_search(request: Request, path: str) -> Response:
+        """The routes' answer (FastSearch answers these POSTs before routing; the routes keep
+        them in the OpenAPI schema): the same search_answer."""
+        try:
+            body = await read_json(request)
+            payload = await run_in_threadpool(search_answer, path, body,
+                                              str(request.base_url).rstrip("/"))
+        except QueryError as exc:
+            return error(exc)
+        return Response(payload, media_type="application/json")
 
     app.add_middleware(FastSearch, handle=handle, max_body_bytes=cfg.max_body_bytes)
     app.add_middleware(CountRequests, metrics=svc.metrics)
 
     @app.post("/knn-service", summary="clip-retrieval's search: a list of results in rank order")
     async def knn_service(request: Request):
-        result = await searched(request)
-        return result if isinstance(result, Response) else dumps(answer(result, "/knn-service"))
+        return await routed_search(request, "/knn-service")
 
     @app.post("/api/search", summary="search with our filters; results, removed counts, timings")
     async def api_search(request: Request):
-        result = await searched(request)
-        return result if isinstance(result, Response) else dumps(answer(result, "/api/search"))
+        return await routed_search(request, "/api/search")
 
     async def read_ids(request: Request, limit: int):
         """(body, index folder, checked ids) of an `{indice_name, ids}` request."""
