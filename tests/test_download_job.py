@@ -20,8 +20,15 @@ CANDIDATE_COLUMNS = ["uid", "url", "text", "page_url", "language", "language_pro
                      "source_file", "record_offset", "crawl", "fetch_time"]
 
 
-def _candidates_df(spark, rows: list[tuple[str, str]]):
+def _test_uid(url: str, text: str) -> int:
+    """The test rows' uid: it hashes the URL's path, not its host: the server's port changes every
+    run, and a uid set that left a shard empty (10 uids in 3 shards: ~5 % of ports) changed the counts."""
     import mmh3
+
+    return mmh3.hash64("/" + url.split("/", 3)[-1] + text)[0]
+
+
+def _candidates_df(spark, rows: list[tuple[str, str]]):
     from pyspark.sql import types as T
 
     schema = T.StructType([
@@ -33,9 +40,7 @@ def _candidates_df(spark, rows: list[tuple[str, str]]):
         T.StructField("fetch_time", T.TimestampType()),
     ])
     when = dt.datetime(2024, 3, 1, tzinfo=dt.timezone.utc)
-    # The uid hashes the URL's path, not its host: the server's port changes every run, and a
-    # uid set that left a shard empty (10 uids in 3 shards: ~5 % of ports) changed the counts.
-    data = [(mmh3.hash64("/" + url.split("/", 3)[-1] + text)[0], url, text, "http://page/", "en", 0.99, "en", "test.warc.gz", i,
+    data = [(_test_uid(url, text), url, text, "http://page/", "en", 0.99, "en", "test.warc.gz", i,
              "CC-TEST", when) for i, (url, text) in enumerate(rows)]
     return spark.createDataFrame(data, schema)
 

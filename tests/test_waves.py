@@ -25,7 +25,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from download_server import MisbehavingServer  # noqa: E402
-from test_download_job import _candidates_df  # noqa: E402
+from test_download_job import _candidates_df, _test_uid  # noqa: E402
 
 from laion_spark.config import Config, DownloadConfig  # noqa: E402
 from laion_spark.lake import wave_app_id  # noqa: E402
@@ -120,12 +120,10 @@ def waves_lake(spark, tmp_path_factory):
 
 def _one_row_per_shard(base: str, n: int) -> list[tuple[str, str]]:
     """n candidates whose uids fall in n different shards (shard = pmod(uid, n) on a first run)."""
-    import mmh3
-
     rows, taken, i = [], set(), 0
     while len(rows) < n:
         url, text = base + f"/ok-{i}", f"caption {i}"
-        shard = mmh3.hash64(url + text)[0] % n
+        shard = _test_uid(url, text) % n
         if shard not in taken:
             taken.add(shard)
             rows.append((url, text))
