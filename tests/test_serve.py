@@ -179,6 +179,44 @@ def test_near_duplicate_mask_greedy():
     assert near_duplicate_mask(x, 0.94).tolist() == [True, False, True, False]
 
 
+def test_query_image_decode_is_bounded_and_leaves_warning_filters_alone():
+    """Our `max_pixels` decides from the header (no pixel decoded), and concurrent decodes never
+    swap the process's warning filters (a per-request catch_warnings did: not thread-safe)."""
+    import warnings
+
+    from laion_spark.serve.encoders import QueryError, decode_query_image
+
+    small = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(small, "JPEG")
+    data = small.getvalue()
+    assert decode_query_image(data, 40 * 30).size == (40, 30)
+    with pytest.raises(QueryError) as err:
+        decode_query_image(data, 40 * 30 - 1)
+    assert err.value.code == "image_too_large" and err.value.status == 413
+    bomb = io.BytesIO()
+    Image.new("L", (14000, 14000)).save(bomb, "PNG")  # 196 Mpixels
+    with pytest.raises(QueryError) as err:
+        decode_query_image(bomb.getvalue(), 10 ** 12)  # over 2x Pillow's own limit
+    assert err.value.code == "image_too_large"
+    before = list(warnings.filters)
+    errors: list = []
+
+    def decode_many():
+        try:
+            for _ in range(200):
+                assert decode_query_image(data, 10 ** 6).mode == "RGB"
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=decode_many) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert warnings.filters == before
+
+
 def test_our_filters_language_watermark_similarity(url, truth):
     q = dict(text="a red circle", num_images=100, deduplicate=False, use_safety_model=False,
              dedup_urls=False)

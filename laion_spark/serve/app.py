@@ -29,7 +29,7 @@ from fastapi import Request
 from laion_spark.config import DownloadConfig, ServeConfig
 from laion_spark.serve import encoders, search
 from laion_spark.serve.encoders import QueryError
-from laion_spark.serve.spec import SPEC_ENV, ServeSpec  # noqa: F401 (SPEC_ENV: workers read it)
+from laion_spark.serve.spec import SPEC_ENV, ServeSpec
 from laion_spark.serve.store import IndexFolder, open_index_folder
 
 log = logging.getLogger(__name__)

@@ -94,25 +94,41 @@ class QueryEncoder:
         return out[0].cpu().numpy().astype(np.float32)
 
 
-def decode_query_image(data: bytes, max_pixels: int):
-    """Bytes → RGB PIL image, refusing anything over `max_pixels` before decoding pixels."""
+_PIL_WARNING_FILTER = threading.Lock()
+_pil_warning_filtered = False
+
+
+def _pil_image_module():
+    """PIL's Image, with its DecompressionBombWarning ignored process-wide (set once): our own
+    `max_pixels` decides, as in the download stage. A per-request `warnings.catch_warnings()`
+    swapped the global filter list from concurrent request threads (not thread-safe)."""
+    global _pil_warning_filtered
     from PIL import Image
 
+    if not _pil_warning_filtered:
+        with _PIL_WARNING_FILTER:
+            if not _pil_warning_filtered:
+                warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+                _pil_warning_filtered = True
+    return Image
+
+
+def decode_query_image(data: bytes, max_pixels: int):
+    """Bytes → RGB PIL image, refusing anything over `max_pixels` before decoding pixels."""
+    Image = _pil_image_module()
     if not data:
         raise QueryError("bad_image", "empty image")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            w, h = image.size
-            if w * h > max_pixels:
-                raise QueryError("image_too_large", f"{w}x{h} pixels is over the limit of "
-                                 f"{max_pixels} (decompression bomb?)", 413)
-            image.draft("RGB", (w, h))
-            image.load()
+        image = Image.open(io.BytesIO(data))
+        w, h = image.size
+        if w * h > max_pixels:
+            raise QueryError("image_too_large", f"{w}x{h} pixels is over the limit of "
+                             f"{max_pixels} (decompression bomb?)", 413)
+        image.draft("RGB", (w, h))
+        image.load()
     except QueryError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except Image.DecompressionBombError as exc:  # over 2x Pillow's own limit
         raise QueryError("image_too_large", f"decompression bomb: {exc}", 413) from exc
     except Exception as exc:  # PIL raises many types on hostile bytes
         raise QueryError("bad_image", f"cannot decode image: {type(exc).__name__}: {exc}") \
