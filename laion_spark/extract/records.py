@@ -12,6 +12,7 @@ import base64
 import hashlib
 import logging
 import re
+import zlib
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Callable, Iterator, Optional, Union
 
@@ -201,6 +202,43 @@ def _find_next(stream: BinaryIO, start: int, magic: bytes) -> Optional[int]:
             return pos - len(tail) + i
         tail = data[-(len(magic) - 1):]
         pos += len(chunk)
+
+
+def _next_record_member(stream: BinaryIO, start: int) -> Optional[int]:
+    """Position of the next gzip member at or after `start` that starts a WARC record, or None.
+
+    FastWARC ends a file without a word at an empty gzip member (`gzip.compress(b"")`, 20
+    bytes: valid gzip, as `cat a.gz empty.gz b.gz` makes), so every record after it would be
+    lost. Each gzip magic found is inflated a little: a false hit in compressed data fails at
+    once, an empty member is stepped over, a member of record data that continues the last
+    record (not `WARC/`) is passed by."""
+    pos = start
+    while True:
+        m = _find_next(stream, pos, GZIP_MAGIC)
+        if m is None:
+            return None
+        stream.seek(m)
+        d = zlib.decompressobj(31)
+        out = b""
+        consumed = 0
+        try:
+            while not out and not d.eof:
+                chunk = stream.read(1 << 16)
+                if not chunk:
+                    break
+                out = d.decompress(chunk, 64)
+                consumed += len(chunk)
+        except zlib.error:
+            pos = m + 1  # not a member start
+            continue
+        if out:
+            if out.lstrip(b"\r\n\t ").startswith(WARC_MAGIC[:5]):
+                return m
+            pos = m + 1
+        elif d.eof:  # an empty member: the next one starts where it ends
+            pos = m + consumed - len(d.unused_data)
+        else:
+            return None  # the file ends inside this member
 
 
 def _exact_reader(read: Callable[[int], bytes]) -> Callable[[int], bytes]:
@@ -428,7 +466,17 @@ def iter_records(stream: BinaryIO, *, reader: str = "fastwarc",
                         break
                 yield raw
             if error is None:
-                return
+                if magic is not GZIP_MAGIC or reader != "fastwarc":
+                    return
+                # FastWARC may have stopped at an empty gzip member (see _next_record_member;
+                # warcio steps over them, and reports a record's offset as the empty member's)
+                nxt = _next_record_member(stream, (pos if last_start is None else last_start) + 1)
+                if nxt is None:
+                    return
+                log.info("gzip member at %d not reached by the reader (an empty member before "
+                         "it?): reading on from there", nxt)
+                pos = nxt
+                continue
         except GeneratorExit:
             raise
         except Exception as exc:  # noqa: BLE001 - any reader error becomes a failure row
