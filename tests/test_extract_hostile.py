@@ -38,3 +38,63 @@ def test_empty_gzip_member_loses_no_record(tmp_path, reader, where):
     first = [o + len(EMPTY_MEMBER) * sum(at < o for at in cut) for o in offsets]
     assert [by_url[f"http://ex.com/g{i}.jpg"] for i in range(3)] == (own if reader == "fastwarc" else first)
 
+
+# ----------------------------------------------------------------------------- a new user's inputs
+@pytest.fixture()
+def http_dir(tmp_path):
+    """A static HTTP server on 127.0.0.1 over a folder (404 for what is not there)."""
+    import functools
+    import http.server
+    import threading
+
+    root = tmp_path / "www"
+    root.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_missing_inputs_are_a_clear_config_error(tmp_path, http_dir):
+    """A missing path or a URL that 404s was taken as a file: its task wrote a `cannot_open` row
+    and an `extract_files` row, so the run ended 0 and the file counted as done (created later,
+    it would be skipped). An empty folder raised a bare ValueError (a traceback from the CLI)."""
+    from laion_spark.config import ConfigError
+    from laion_spark.extract.inputs import resolve_inputs
+
+    root, base = http_dir
+    (root / "ok.warc.gz").write_bytes(b"x")
+    (tmp_path / "empty").mkdir()
+    present = tmp_path / "a.warc.gz"
+    present.write_bytes(b"")
+    for bad, says in [(tmp_path / "nope.warc.gz", "no such file"),
+                      (f"file://{tmp_path}/nope.warc.gz", "no such file"),
+                      (f"{base}/nope.warc.gz", "not found"),
+                      (tmp_path / "nope.paths.gz", "not found")]:
+        with pytest.raises(ConfigError, match=says):
+            resolve_inputs(ExtractConfig(inputs=[str(present), str(bad)]))
+    assert resolve_inputs(ExtractConfig(inputs=[str(present), f"{base}/ok.warc.gz"])) == \
+        [str(present), f"{base}/ok.warc.gz"]
+    assert resolve_inputs(ExtractConfig(inputs=[str(tmp_path / "empty")])) == []
+
+
+def test_cli_names_the_missing_input_and_exits_2(tmp_path, caplog):
+    """What a user sees: `config error: ...` and exit status 2, before any Spark session."""
+    from laion_spark import cli
+
+    with caplog.at_level("ERROR"):
+        assert cli.main(["extract", "--lake", str(tmp_path / "lake"), "--input",
+                         str(tmp_path / "typo.warc.gz")]) == 2
+    assert "typo.warc.gz: no such file" in caplog.text
+    caplog.clear()
+    (tmp_path / "empty").mkdir()
+    with caplog.at_level("ERROR"):
+        assert cli.main(["extract", "--lake", str(tmp_path / "lake"), "--input",
+                         str(tmp_path / "empty")]) == 2
+    assert "no input files" in caplog.text
+

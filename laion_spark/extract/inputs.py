@@ -11,7 +11,7 @@ import os
 import random
 from urllib.parse import urlparse
 
-from laion_spark.config import ExtractConfig
+from laion_spark.config import ConfigError, ExtractConfig
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +34,11 @@ def read_listing(path: str, prefix: str) -> list[str]:
     """The file URLs of a listing: each line, prefixed when it is a bare crawl-data/ path."""
     import fsspec
 
-    with fsspec.open(path, "rt", compression="infer", encoding="utf-8") as fh:
-        lines = [line.strip() for line in fh]
+    try:
+        with fsspec.open(path, "rt", compression="infer", encoding="utf-8") as fh:
+            lines = [line.strip() for line in fh]
+    except FileNotFoundError as exc:
+        raise ConfigError(f"extract input listing {path}: not found ({exc})") from None
     out = []
     for line in lines:
         if not line or line.startswith("#"):
@@ -55,6 +58,7 @@ def _expand(entry: str) -> list[str]:
             fs, _ = fsspec.core.url_to_fs(entry)
             protocol = urlparse(entry).scheme
             return sorted(f"{protocol}://{p}" if "://" not in p else p for p in fs.glob(entry))
+        _check_remote(entry)
         return [entry]
     local = entry[7:] if entry.startswith("file://") else entry
     if _GLOB_CHARS & set(local):
@@ -64,7 +68,25 @@ def _expand(entry: str) -> list[str]:
             os.path.abspath(os.path.join(local, n)) for n in os.listdir(local)
             if n.endswith(_ARCHIVE_SUFFIXES) and os.path.isfile(os.path.join(local, n))
         )
+    if not os.path.exists(local):
+        raise ConfigError(f"extract input {entry}: no such file or folder")
     return [os.path.abspath(local)]
+
+
+def _check_remote(url: str) -> None:
+    """Raise ConfigError when a URL named as an input does not exist (an S3 key or HTTP 404),
+    so a typo stops the run: the file would otherwise get a `cannot_open` row and count as done.
+    One metadata request per named URL (a listing's files are not checked); an error other than
+    not-found (network, permissions) only logs, and the task reports it as it reads."""
+    import fsspec
+
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+        fs.info(path)
+    except FileNotFoundError:
+        raise ConfigError(f"extract input {url}: not found") from None
+    except Exception as exc:  # noqa: BLE001 - left to the task (transient errors are retried there)
+        log.warning("extract input %s: could not check it exists: %s: %s", url, type(exc).__name__, exc)
 
 
 def resolve_inputs(cfg: ExtractConfig) -> list[str]:

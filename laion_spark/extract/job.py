@@ -32,7 +32,7 @@ import json
 import logging
 import time
 
-from laion_spark.config import Config
+from laion_spark.config import Config, ConfigError
 from laion_spark.extract.extractor import (
     CANDIDATE_COLUMNS, FAILURE_COLUMNS, FILE_COLUMNS, KIND_CANDIDATE, KIND_FAILURE, KIND_FILE,
     OUTPUT_SCHEMA, extract_file_batches, open_input,
@@ -287,15 +287,24 @@ def extract_stage(spark, cfg: Config, lake, files: list[str]):
     )
 
 
-def run_extract(spark, cfg: Config, lake, *, max_waves: int | None = None) -> dict:
-    """Extract every pending input file, wave by wave; return the run's counts and rates."""
+def input_files(cfg: Config) -> list[str]:
+    """The resolved inputs; ConfigError when there are none (or one named does not exist)."""
+    files = resolve_inputs(cfg.extract)
+    if not files:
+        raise ConfigError("extract: no input files (set extract.inputs, or --input PATH|GLOB|URL|"
+                          "*.paths.gz; a folder is searched for *.warc[.gz] and *.wat[.gz] files)")
+    return files
+
+
+def run_extract(spark, cfg: Config, lake, *, max_waves: int | None = None,
+                files: list[str] | None = None) -> dict:
+    """Extract every pending input file, wave by wave; return the run's counts and rates.
+    `files`: the resolved inputs, when the caller resolved them (before starting Spark)."""
     from laion_spark.waves import run_waves
 
     ecfg = cfg.extract
     started = time.time()
-    files = resolve_inputs(ecfg)
-    if not files:
-        raise ValueError("extract: no input files (set extract.inputs, or --input PATH|GLOB|URL|*.paths.gz)")
+    files = input_files(cfg) if files is None else files
     stage = extract_stage(spark, cfg, lake, files)
     w = run_waves(spark, lake, stage, max_units_per_wave=ecfg.max_files_per_wave, max_waves=max_waves)
     seconds = max(time.time() - started, 1e-9)
@@ -341,7 +350,9 @@ def apply_arguments(cfg: Config, args: argparse.Namespace) -> None:
 
 def run(ctx, args: argparse.Namespace) -> dict:
     apply_arguments(ctx.cfg, args)
-    return run_extract(ctx.spark, ctx.cfg, ctx.lake)
+    # Inputs first: a missing path or an empty folder is a config error, not a Spark start-up.
+    files = input_files(ctx.cfg)
+    return run_extract(ctx.spark, ctx.cfg, ctx.lake, files=files)
 
 
 def prepare_demo(cfg: Config, web, out_dir) -> None:
