@@ -98,3 +98,43 @@ def test_cli_names_the_missing_input_and_exits_2(tmp_path, caplog):
                          str(tmp_path / "empty")]) == 2
     assert "no input files" in caplog.text
 
+
+# ----------------------------------------------------------------------------- charsets
+def _page(tmp_path, body: bytes, content_type="text/html", reader="fastwarc") -> dict:
+    data, _ = warc_bytes([("http://ex.com/dir/p.html", body, (("Content-Type", content_type),), None)])
+    return rows(tmp_path, data, ExtractConfig(warc_reader=reader))
+
+
+PICTURE = "<html><body><p>café</p><img src='a.jpg' alt='une belle image'></body></html>"
+WANT = {("http://ex.com/dir/a.jpg", "une belle image")}
+
+
+@pytest.mark.parametrize("label,codec", [("utf-16le", "utf-16-le"), ("UTF-16", "utf-16-le"),
+                                         ("utf-16be", "utf-16-be")])
+def test_utf16_named_by_the_http_header_is_decoded_as_utf16(tmp_path, label, codec):
+    """The header's UTF-16 was taken as UTF-8 (a rule for <meta> only): a UTF-16 page without a
+    BOM lost every image."""
+    got = _page(tmp_path, PICTURE.encode(codec), f"text/html; charset={label}")
+    assert cands(got) == WANT and got["failure"] == []
+    # in <meta>, UTF-16 still means UTF-8 (the bytes were read as ASCII to find it)
+    got = _page(tmp_path, ("<meta charset=utf-16>" + PICTURE).encode())
+    assert cands(got) == WANT
+
+
+@pytest.mark.parametrize("label", ["punycode", "utf-7", "unicode_escape", "raw_unicode_escape",
+                                   "idna", "utf-8-sig", "utf-32", "rot13", "mbcs", "undefined"])
+@pytest.mark.parametrize("where", ["meta", "header"])
+def test_python_only_codecs_are_not_web_charsets(tmp_path, label, where):
+    """Any label Python's codecs know was used: `charset=punycode` decoded the page as Punycode
+    (no image left), `utf-7` let `+ADw-img...` smuggle markup a browser shows as text,
+    `unicode_escape` turned `\\u0000` text into NUL. A browser ignores labels outside the
+    WHATWG Encoding standard; so do we (UTF-8, here)."""
+    smuggled = b"+ADw-img src=+ACI-/smuggled.jpg+ACI- alt=+ACI-a smuggled image+ACI-+AD4-"
+    body = b"<html><body><img src='a.jpg' alt='une image \\x41\\u0042'>" + smuggled
+    if where == "meta":
+        got = _page(tmp_path, f"<meta charset='{label}'>".encode() + body)
+    else:
+        got = _page(tmp_path, body, f"text/html; charset={label}")
+    assert cands(got) == {("http://ex.com/dir/a.jpg", "une image \\x41\\u0042")}
+    assert got["failure"] == []
+

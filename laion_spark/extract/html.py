@@ -21,7 +21,8 @@ _META_CHARSET_RE = re.compile(
 )
 _HEADER_CHARSET_RE = re.compile(r"""charset\s*=\s*["']?\s*([a-zA-Z0-9_\-:.]+)""", re.IGNORECASE)
 
-# WHATWG encoding labels that differ from what Python's codec of the same name does.
+# WHATWG encoding labels that differ from what Python's codec of the same name does, or that
+# Python does not know.
 _WHATWG_ALIASES = {
     "iso-8859-1": "cp1252", "iso8859-1": "cp1252", "latin1": "cp1252", "latin-1": "cp1252",
     "l1": "cp1252", "us-ascii": "cp1252", "ascii": "cp1252", "windows-1252": "cp1252",
@@ -32,11 +33,35 @@ _WHATWG_ALIASES = {
     "gb2312": "gb18030", "gbk": "gb18030", "x-gbk": "gb18030", "gb_2312-80": "gb18030",
     "euc-kr": "cp949", "ks_c_5601-1987": "cp949",
     "big5": "big5hkscs", "x-user-defined": "cp1252", "utf8": "utf-8", "unicode-1-1-utf-8": "utf-8",
+    "unicode11utf8": "utf-8", "unicode20utf8": "utf-8", "x-unicode20utf8": "utf-8",
+    "x-mac-roman": "mac-roman", "x-mac-cyrillic": "mac-cyrillic", "x-mac-ukrainian": "mac-cyrillic",
+    "iso-8859-8-i": "iso8859-8", "csiso88598i": "iso8859-8", "logical": "iso8859-8",
+    "dos-866": "cp866", "x-euc-jp": "euc_jp", "cseucpkdfmtjapanese": "euc_jp", "koi": "koi8-r",
+    "koi8": "koi8-r", "koi8-ru": "koi8-u", "iso88592": "iso8859-2",
+    "utf-16": "utf-16-le", "ucs-2": "utf-16-le", "unicode": "utf-16-le", "csunicode": "utf-16-le",
+    "iso-10646-ucs-2": "utf-16-le", "unicodefeff": "utf-16-le", "unicodefffe": "utf-16-be",
+    **{f"x-cp{n}": f"cp{n}" for n in range(1250, 1259)},
 }
+# Python codec names of the same charsets under other labels (`latin_1`, `8859`, `cp819`...).
+_CODEC_AS = {"iso8859-1": "cp1252", "ascii": "cp1252", "iso8859-9": "cp1254",
+             "iso8859-11": "cp874", "tis-620": "cp874", "euc_kr": "cp949", "shift_jis": "cp932",
+             "gbk": "gb18030", "gb2312": "gb18030", "big5": "big5hkscs", "utf-16": "utf-16-le"}
+# The encodings of the WHATWG Encoding standard (what browsers decode), as Python codec names.
+# Any other codec Python has is not a web charset: `<meta charset=punycode>`, `utf-7`,
+# `unicode_escape`, `rot13`, `utf-8-sig`... would turn a page into something no browser shows
+# (UTF-7 is refused by browsers for the scripts it smuggles), so such a label is ignored.
+WEB_CODECS = frozenset(
+    ["utf-8", "cp866", "koi8-r", "koi8-u", "mac-roman", "mac-cyrillic", "cp874", "gb18030",
+     "big5hkscs", "euc_jp", "iso2022_jp", "cp932", "cp949", "utf-16-le", "utf-16-be"]
+    + [f"iso8859-{n}" for n in (2, 3, 4, 5, 6, 7, 8, 10, 13, 14, 15, 16)]
+    + [f"cp{n}" for n in range(1250, 1259)])
 
 
-def normalise_charset(label: Optional[str]) -> Optional[str]:
-    """A Python codec name for a charset label from a header or <meta>, or None when unknown."""
+def normalise_charset(label: Optional[str], from_meta: bool = True) -> Optional[str]:
+    """A Python codec name for a charset label from a header or <meta>, or None when it names
+    no web encoding (WEB_CODECS). A UTF-16 label in `<meta>` means UTF-8 (the HTML spec: the
+    prescan read it as ASCII-compatible bytes); in the HTTP header it is UTF-16, as browsers
+    decode it."""
     if not label:
         return None
     label = label.strip().strip("\"'").lower()
@@ -47,8 +72,10 @@ def normalise_charset(label: Optional[str]) -> Optional[str]:
         codec = codecs.lookup(name).name
     except LookupError:
         return None
-    # A page that claims UTF-16 in <meta> but was served as bytes we sniffed as ASCII is UTF-8 (spec).
-    if codec.startswith("utf-16") or codec.startswith("utf-32"):
+    codec = _CODEC_AS.get(codec, codec)
+    if codec not in WEB_CODECS:
+        return None
+    if from_meta and codec.startswith("utf-16"):
         return "utf-8"
     return codec
 
@@ -78,7 +105,7 @@ def decode_html_sniffed(body: bytes, header_charset: Optional[str] = None) -> tu
         return body[3:].decode("utf-8", errors="replace"), "utf-8", "bom"
     if body.startswith(codecs.BOM_UTF16_LE) or body.startswith(codecs.BOM_UTF16_BE):
         return body.decode("utf-16", errors="replace"), "utf-16", "bom"
-    codec = normalise_charset(header_charset)
+    codec = normalise_charset(header_charset, from_meta=False)
     source = "header"
     if codec is None:
         m = _META_CHARSET_RE.search(body, 0, _META_SNIFF_BYTES)
