@@ -138,3 +138,29 @@ def test_python_only_codecs_are_not_web_charsets(tmp_path, label, where):
     assert cands(got) == {("http://ex.com/dir/a.jpg", "une image \\x41\\u0042")}
     assert got["failure"] == []
 
+
+# ----------------------------------------------------------------------------- base href, title
+@pytest.mark.parametrize("href", ["java\tscript:alert(1)", "\njavascript:alert(1)", "da\r\nta:text/html,x",
+                                  "\x01javascript:x", " \u00a0javascript:x"])
+def test_script_base_hidden_by_tab_or_controls_is_ignored(tmp_path, href):
+    """`<base href="java<TAB>script:...">` is `javascript:` to the URL parser (tab, LF, CR are
+    removed; leading controls stripped) but was not to our check: it became the base and every
+    relative image was dropped (`scheme`). Same for a WAT `Head.Base`."""
+    from laion_spark.extract.rules import resolve_base
+
+    assert resolve_base("http://ex.com/dir/p.html", href) == "http://ex.com/dir/p.html"
+    body = f"<html><head><base href='{href}'></head><img src='a.jpg' alt='une belle image'>"
+    got = _page(tmp_path, body.encode())
+    assert cands(got) == WANT
+    # what still works as a base: surrounding whitespace, a tab inside a usable URL
+    assert resolve_base("http://ex.com/p", " \thttp://b.com/\nx/ ") == "http://b.com/x/"
+
+
+def test_title_is_cut_like_the_alt_text(tmp_path):
+    """A 1 MB `title` attribute was kept whole in the candidate row (the alt is cut at
+    max_text_length)."""
+    cfg = ExtractConfig()
+    body = b"<img src='a.jpg' alt='une belle image' title='" + "\u00e9t\u00e9 ".encode() * 250_000 + b"'>"
+    got = _page(tmp_path, body)
+    (row,) = got["candidate"]
+    assert len(row["title"]) == cfg.max_text_length and row["title"].startswith("\u00e9t\u00e9 \u00e9t\u00e9")

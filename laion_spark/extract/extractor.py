@@ -741,7 +741,7 @@ class FileExtractor:
             c_uid.append(hash64(url + text)[0])  # = rules.uid_of(url, text)
             c_url.append(url)
             c_text.append(text)
-            c_title.append(None if title is None else normalise_title(_first(title)))
+            c_title.append(None if title is None else normalise_title(_first(title), max_len))
             c_page.append(page_url)
             c_lang.append(language)
             c_prob.append(prob)
@@ -765,10 +765,14 @@ class FileExtractor:
                 "seconds": seconds, "extracted_at": dt.datetime.now(dt.timezone.utc)}
 
 
-def normalise_title(title: Any) -> Optional[str]:
+def normalise_title(title: Any, max_length: Optional[int] = None) -> Optional[str]:
+    """The title as the alt text is kept: cleaned, whitespace-normalised, cut at max_length
+    (`max_text_length`: a page's `title` attribute is as hostile as its alt)."""
     if not isinstance(title, str):
         return None
     text = " ".join(clean_text(title).split())
+    if max_length is not None and len(text) > max_length:
+        text = text[:max_length]
     return text or None
 
 

@@ -31,10 +31,20 @@ def normalise_text(text: Optional[str]) -> str:
     return " ".join(text.split()) if text else ""
 
 
+# What is stripped from both ends of a `<base href>`: C0 controls and space (the URL parser's
+# rule) and any other whitespace (as before: `str.strip()`).
+_BASE_STRIP = "".join(c for c in map(chr, range(0x3001)) if ord(c) <= 0x20 or c.isspace())
+
+
 def resolve_base(page_url: str, base_href: Optional[str]) -> str:
-    """The base URL of a page: `<base href>` resolved against the page URL, when it is usable."""
+    """The base URL of a page: `<base href>` resolved against the page URL, when it is usable
+    (not `javascript:` or `data:`, looked for as the URL parser reads the value: with tab, LF
+    and CR removed and C0 controls and spaces stripped, so `java\tscript:` is one)."""
     if base_href is not None:
-        href = base_href.strip()
+        href = base_href
+        if "\t" in href or "\n" in href or "\r" in href:
+            href = href.replace("\t", "").replace("\n", "").replace("\r", "")
+        href = href.strip(_BASE_STRIP)
         if href and not href.lower().startswith(("javascript:", "data:")):
             try:
                 return urljoin(page_url, href)
