@@ -42,6 +42,7 @@ from laion_spark.download.safety import (
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 65536
+EXPIRED_RECHECK_S = 0.05  # how often the watchdog shuts the socket of a request past its deadline
 RETRYABLE_STATUS = {429, 500, 502, 503, 504}
 MAX_RETRY_AFTER_S = 600.0
 
@@ -142,6 +143,11 @@ class DeadlineWatchdog:
                 conn = guard.conn
             if conn is not None:
                 _shutdown(conn)
+            # The request may have had no socket yet (a connect still under way) and may open one
+            # after this: a drip on it would then outlive the deadline, as the read timeout restarts
+            # on every byte. Look again shortly, until the request notices and disarms.
+            with self._cond:
+                heapq.heappush(self._heap, (time.monotonic() + EXPIRED_RECHECK_S, next(self._counter), guard))
 
     def stop(self) -> None:
         with self._cond:

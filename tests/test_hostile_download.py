@@ -1,0 +1,164 @@
+"""The downloader attacked again as a hostile server and a hostile URL list would, with cases
+tests/test_download.py does not have: every spelling of a refused address, a connection made
+only after the deadline fired, a dripping TLS handshake. Servers listen on 127.0.0.1 only; no
+other address is ever contacted."""
+from __future__ import annotations
+
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+sys.path.insert(0, str(TESTS))
+from download_server import MisbehavingServer  # noqa: E402
+from test_download import _cfg, _download_threads, _run  # noqa: E402
+
+from laion_spark.download import safety  # noqa: E402
+from laion_spark.download.downloader import error_code  # noqa: E402
+
+
+@pytest.fixture()
+def server():
+    srv = MisbehavingServer().start()
+    yield srv
+    srv.stop()
+
+
+def _record_connections(monkeypatch) -> list:
+    """Every address the pinned connections open (and no unpinned connection at all)."""
+    connected: list = []
+    real = safety.u3_connection.create_connection
+
+    def recording(address, *args, **kwargs):
+        connected.append(address)
+        return real(address, *args, **kwargs)
+
+    monkeypatch.setattr(safety.u3_connection, "create_connection", recording)
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: pytest.fail(f"unpinned connect {a}"))
+    return connected
+
+
+# --------------------------------------------------------------------------- SSRF spellings
+LOOPBACK_SPELLINGS = [
+    "2130706433", "0177.0.0.1", "0x7f000001", "0x7f.1", "127.1", "017700000001", "0", "localhost",
+    "[::ffff:7f00:1]", "[::ffff:127.0.0.1]", "[::]", "[::1]", "[::ffff:127.0.0.1%25lo]",
+    "good.test@127.0.0.1", "u:p@0x7f.0.0.1",
+]
+METADATA_SPELLINGS = [
+    "2852039166", "0251.0376.0251.0376", "0xa9.0xfe.0xa9.0xfe", "0xa9fea9fe", "169.254.43518",
+    "[::ffff:a9fe:a9fe]", "[::ffff:169.254.169.254]", "[fe80::a9fe:a9fe%25eth0]", "good.test@169.254.169.254",
+]
+
+
+def test_every_spelling_of_loopback_is_refused_before_connecting(server, monkeypatch):
+    """Decimal, octal, hex and short IPv4, IPv4-mapped IPv6 (with a zone id), the unspecified
+    address (Linux delivers 0.0.0.0 to the local host), /etc/hosts names and userinfo tricks,
+    all aimed at the live test server's port: none may reach it when loopback is not allowed."""
+    connected = _record_connections(monkeypatch)
+    port = server.httpd.server_address[1]
+    urls = [f"http://{host}:{port}/ok" for host in LOOPBACK_SPELLINGS]
+    rows = _run(urls, _cfg(allow_loopback=False, threads_per_task=4))
+    wrong = {u: r["error"] for u, r in rows.items() if (r["status"], error_code(r["error"])) != ("skipped", "blocked_address")}
+    assert wrong == {}
+    assert server.hits == {} and connected == []
+
+
+def test_every_spelling_of_the_metadata_address_is_refused_on_every_hop(server, monkeypatch):
+    connected = _record_connections(monkeypatch)
+    urls = []
+    for host in METADATA_SPELLINGS:
+        urls.append(f"http://{host}/latest/meta-data/")
+        urls.append(server.base + "/redirect-to/2/" + quote(f"http://{host}/latest/meta-data/", safe=""))
+    # Schemes a redirect may name that are not ours to follow, and a 60 KB Location.
+    for target in ("file:///etc/passwd", "data:image/jpeg;base64,/9j/4AAQ", "ftp://127.0.0.1/x.jpg",
+                   "gopher://127.0.0.1:70/x"):
+        urls.append(server.base + "/redirect-to/1/" + quote(target, safe=""))
+    long_target = "/ok-long?" + "a" * 60_000
+    urls.append(server.base + "/redirect-to/1/" + quote(long_target, safe=""))
+    ok_after = server.base + "/ok-after"
+    rows = _run(urls + [ok_after], _cfg(threads_per_task=4))
+    assert rows.pop(ok_after)["status"] == "success"
+    assert rows.pop(urls[-1])["status"] == "success"  # a long Location is only long
+    codes = {u: (r["status"], error_code(r["error"])) for u, r in rows.items()}
+    for url, code in codes.items():
+        expected = "unsupported_scheme" if "redirect-to/1/" in url else "blocked_address"
+        assert code == ("skipped", expected), (url, rows[url]["error"])
+    assert {addr[0] for addr in connected} == {"127.0.0.1"}, connected
+
+
+# --------------------------------------------------------------------------- deadline gaps
+def test_deadline_cuts_a_connection_that_opened_after_it(server, monkeypatch):
+    """A server that answers the TCP handshake only as the deadline fires (a slow network, or a
+    SYN-ACK timed on purpose), then drips: the watchdog found no socket to shut at the deadline,
+    and the per-read timeout never trips on a drip, so the request must still end near the
+    deadline instead of hours later."""
+    deadline = 1.0
+    real = safety.u3_connection.create_connection
+
+    def late(address, *args, **kwargs):
+        time.sleep(deadline + 0.5)  # the connection exists only after the watchdog fired
+        return real(address, *args, **kwargs)
+
+    monkeypatch.setattr(safety.u3_connection, "create_connection", late)
+    results: dict = {}
+
+    def fetch(path):
+        results[path] = _run([server.base + path], _cfg(total_deadline_s=deadline))[server.base + path]
+
+    threads = [threading.Thread(target=fetch, args=(p,), daemon=True) for p in ("/drip", "/stall-headers")]
+    started = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=deadline + 8)
+    elapsed = time.monotonic() - started
+    assert not any(t.is_alive() for t in threads), f"a request outlived its {deadline}s deadline by {elapsed:.0f}s"
+    for path in ("/drip", "/stall-headers"):
+        assert error_code(results[path]["error"]) == "timeout", (path, results[path]["error"])
+    monkeypatch.setattr(safety.u3_connection, "create_connection", real)
+    assert _run([server.base + "/ok"], _cfg())[server.base + "/ok"]["status"] == "success"
+    assert _download_threads() == []
+
+
+def test_a_dripping_tls_handshake_ends_at_the_deadline():
+    """The TLS handshake reads under the connect timeout, which restarts on every byte: a server
+    sending its handshake one byte at a time is cut by the total deadline."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    stop = threading.Event()
+
+    def drip(conn):
+        with conn:
+            try:
+                conn.recv(4096)  # the ClientHello
+                conn.sendall(b"\x16\x03\x03\x40\x00")  # a 16 KB handshake record follows...
+                while not stop.wait(0.2):
+                    conn.sendall(b"\x02")  # ...one byte at a time
+            except OSError:
+                pass
+
+    def serve():
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=drip, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    url = f"https://127.0.0.1:{listener.getsockname()[1]}/x.jpg"
+    try:
+        started = time.monotonic()
+        row = _run([url], _cfg(total_deadline_s=1.5, connect_timeout_s=1.0, read_timeout_s=1.0))[url]
+        elapsed = time.monotonic() - started
+    finally:
+        stop.set()
+        listener.close()
+    assert error_code(row["error"]) == "timeout", row["error"]
+    assert elapsed < 1.5 + 4, elapsed
