@@ -164,3 +164,43 @@ def test_title_is_cut_like_the_alt_text(tmp_path):
     got = _page(tmp_path, body)
     (row,) = got["candidate"]
     assert len(row["title"]) == cfg.max_text_length and row["title"].startswith("\u00e9t\u00e9 \u00e9t\u00e9")
+
+
+# ----------------------------------------------------------------------------- other formats
+@pytest.mark.parametrize("fmt", ["bz2", "xz", "zstd", "lz4", "zip"])
+def test_other_compression_is_one_clear_failure(tmp_path, fmt):
+    """A .warc.bz2 (or xz, zstd...) was 'bad_warc_header: OSError: Invalid WARC header' at 0,
+    and then the whole file was scanned for gzip magic and `WARC/1.`, which compressed data
+    holds by chance (each hit one more failure row). Now: one `unsupported_compression` row
+    naming the format."""
+    import bz2
+    import io
+    import lzma
+    import os
+    import zipfile
+
+    plain, _ = warc_bytes(PAGES)
+    noise = os.urandom(1 << 16) + b"\x1f\x8b\x08" + b"WARC/1.0\r\n"  # chance magic bytes
+    if fmt == "bz2":
+        data = bz2.compress(plain) + noise
+    elif fmt == "xz":
+        data = lzma.compress(plain) + noise
+    elif fmt == "zip":
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+            z.writestr("t.warc", plain + noise)
+        data = buf.getvalue()
+    else:  # frame magic + junk: what the sniff sees
+        data = {"zstd": b"\x28\xb5\x2f\xfd", "lz4": b"\x04\x22\x4d\x18"}[fmt] + noise
+    for reader in READERS:
+        got = rows(tmp_path, data, ExtractConfig(warc_reader=reader), name=f"t.warc.{fmt}")
+        assert [(r["record_offset"], r["error"].split(":")[0]) for r in got["failure"]] == \
+            [(0, "unsupported_compression")]
+        assert {"bz2": "bzip2"}.get(fmt, fmt) in got["failure"][0]["error"]
+
+
+def test_a_file_that_is_not_a_warc_says_what_it_starts_with(tmp_path):
+    got = rows(tmp_path, b"<!doctype html><html><img src=a.jpg alt='not a warc at all'>", name="t.warc")
+    (failure,) = got["failure"]
+    assert failure["error"].startswith("bad_warc_header: not a WARC record at 0 (the file starts "
+                                       "with b'<!doctype html><html><im'): ")

@@ -94,7 +94,8 @@ class ExtractError(ValueError):
     `code: detail`, so failures can be counted by code across crawls.
 
     Codes: too_large, too_deep, timeout, truncated, bad_gzip, bad_warc_header, digest_mismatch,
-    bad_http, bad_json, no_target_uri, bad_date, cannot_open, internal_error."""
+    bad_http, bad_json, no_target_uri, bad_date, cannot_open, unsupported_compression,
+    internal_error."""
 
     def __init__(self, code: str, detail: str = ""):
         super().__init__(f"{code}: {detail}" if detail else code)
@@ -185,6 +186,24 @@ def block_digest_ok(rec: RawRecord, digest: Optional[str]) -> bool:
     if len(value) == 2 * len(raw):
         return value.lower() == raw.hex()
     return value.upper().rstrip("=") == base64.b32encode(raw).decode("ascii").rstrip("=")
+
+
+# Compressed formats a WARC is sometimes stored in that the readers cannot read (FastWARC reads
+# LZ4 only with a build option); each is named by its magic bytes.
+_OTHER_COMPRESSION = ((re.compile(rb"BZh[1-9](1AY&SY|\x17rE8P\x90)").match, "bzip2"),
+                      (re.compile(rb"\xfd7zXZ\x00").match, "xz"),
+                      (re.compile(rb"\x28\xb5\x2f\xfd").match, "zstd"),
+                      (re.compile(rb"\x04\x22\x4d\x18").match, "lz4"),
+                      (re.compile(rb"PK\x03\x04").match, "zip"))
+
+
+def other_compression(head: bytes) -> Optional[str]:
+    """The name of the compression `head` (a file's first bytes) starts with, if it is one the
+    readers cannot read (bzip2, xz, zstd, lz4, zip), else None."""
+    for match, name in _OTHER_COMPRESSION:
+        if match(head):
+            return name
+    return None
 
 
 def _find_next(stream: BinaryIO, start: int, magic: bytes) -> Optional[int]:
@@ -423,6 +442,14 @@ def iter_records(stream: BinaryIO, *, reader: str = "fastwarc",
     size = stream.seek(0, 2)
     stream.seek(0)
     first = stream.read(3)
+    if first != GZIP_MAGIC and first != WARC_MAGIC[:3]:
+        stream.seek(0)
+        other = other_compression(stream.read(10))
+        if other is not None:
+            # (scanning it for gzip magic or `WARC/1.` would only find chance bytes)
+            yield ReadFailure(0, f"unsupported_compression: a {other}-compressed file; only plain "
+                                 f"and gzip WARC/WAT files are read (recompress it with gzip)")
+            return
     magic = GZIP_MAGIC if first == GZIP_MAGIC else WARC_MAGIC
     if magic is WARC_MAGIC and first != WARC_MAGIC[:3]:
         # leading junk: the first gzip member, else the first record header, whichever is first
@@ -483,6 +510,11 @@ def iter_records(stream: BinaryIO, *, reader: str = "fastwarc",
             error = error_text(exc)[:500]
         if last_start is None:
             # Nothing readable from `pos`: the bad spot is here.
+            if pos == 0 and magic is WARC_MAGIC:
+                stream.seek(0)
+                code, _, detail = error.partition(":")
+                error = f"{code}: not a WARC record at 0 (the file starts with {stream.read(24)!r}):" \
+                        f"{detail}"[:500]
             yield ReadFailure(pos, error)
             search_from = pos + 1
         else:
