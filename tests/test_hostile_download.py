@@ -1,25 +1,31 @@
 """The downloader attacked again as a hostile server and a hostile URL list would, with cases
 tests/test_download.py does not have: every spelling of a refused address, a connection made
-only after the deadline fired, a dripping TLS handshake. Servers listen on 127.0.0.1 only; no
-other address is ever contacted."""
+only after the deadline fired, a dripping TLS handshake, and images whose decode costs more than
+their header suggests (WebP). Servers listen on 127.0.0.1 only; no other address is ever contacted."""
 from __future__ import annotations
 
+import io
 import socket
+import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 from urllib.parse import quote
 
+import numpy as np
 import pytest
+from PIL import Image
 
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
-from download_server import MisbehavingServer  # noqa: E402
+from download_server import MisbehavingServer, make_jpeg  # noqa: E402
 from test_download import _cfg, _download_threads, _run  # noqa: E402
 
+from laion_spark.config import DownloadConfig  # noqa: E402
 from laion_spark.download import safety  # noqa: E402
 from laion_spark.download.downloader import error_code  # noqa: E402
+from laion_spark.download.resize import process_image  # noqa: E402
 
 
 @pytest.fixture()
@@ -162,3 +168,50 @@ def test_a_dripping_tls_handshake_ends_at_the_deadline():
         listener.close()
     assert error_code(row["error"]) == "timeout", row["error"]
     assert elapsed < 1.5 + 4, elapsed
+
+
+# --------------------------------------------------------------------------- images
+_WEBP_PROBE = """
+import io, sys
+from PIL import Image
+from laion_spark.config import DownloadConfig
+from laion_spark.download.resize import process_image, decode_bytes_estimate
+data = open(sys.argv[1], "rb").read()
+small = io.BytesIO()
+Image.new("RGB", (64, 64)).save(small, "WEBP", lossless=True)
+process_image(small.getvalue(), DownloadConfig(min_image_bytes=0))  # imports and plugins loaded
+img = Image.open(io.BytesIO(data))
+estimate = decode_bytes_estimate(img, img.size, None)
+img.close()
+sys.path.insert(0, sys.argv[3])
+from download_server import peak_rss
+base = peak_rss()
+result = process_image(data, DownloadConfig(min_image_bytes=0, max_decode_bytes=int(sys.argv[2])))
+print(str(result.error).split(":")[0], estimate, peak_rss() - base)
+"""
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA"])
+def test_webp_decode_memory_is_within_its_estimate(tmp_path, mode):
+    """libwebp decodes through its animation decoder, which keeps two full RGBA canvases, and
+    Pillow copies the frame out: ~16 bytes a pixel, not Pillow's 4. A 3000 x 3000 WebP of a few
+    hundred bytes is measured against the estimate in a fresh process, then refused under a
+    max_decode_bytes the old 4-bytes-a-pixel estimate let through."""
+    size = 3000
+    path = tmp_path / "big.webp"
+    Image.new(mode, (size, size), (90, 140, 200, 128)[:len(mode)]).save(path, "WEBP", lossless=True)
+    assert path.stat().st_size < 5000
+
+    def probe(max_decode_bytes: int) -> tuple[str, int, int]:
+        out = subprocess.run([sys.executable, "-c", _WEBP_PROBE, str(path), str(max_decode_bytes), str(TESTS)],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        error, estimate, peak = out.stdout.split()[-3:]
+        return error, int(estimate), int(peak)
+
+    error, estimate, peak = probe(10 ** 10)
+    assert error == "None"
+    assert peak <= 1.05 * estimate, (peak, estimate)
+    error, _, peak = probe(size * size * 8)  # twice Pillow's raster: the old estimate passed it
+    assert error == "too_large", error
+    assert peak < 20_000_000, peak
