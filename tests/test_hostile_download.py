@@ -1,7 +1,7 @@
 """The downloader attacked again as a hostile server and a hostile URL list would, with cases
 tests/test_download.py does not have: every spelling of a refused address, a connection made
 only after the deadline fired, a dripping TLS handshake, and images whose decode costs more than
-their header suggests (WebP). Servers listen on 127.0.0.1 only; no other address is ever contacted."""
+their header suggests (WebP), or that Pillow names differently (MPO). Servers listen on 127.0.0.1 only; no other address is ever contacted."""
 from __future__ import annotations
 
 import io
@@ -171,6 +171,32 @@ def test_a_dripping_tls_handshake_ends_at_the_deadline():
 
 
 # --------------------------------------------------------------------------- images
+def test_mpo_is_decoded_as_the_jpeg_it_starts_with():
+    """Phones and stereo cameras store JPEGs with extra pictures (MPF: a gain map, a depth map, a
+    second eye); Pillow calls them MPO. The first picture is a plain JPEG any browser shows."""
+    first = Image.open(io.BytesIO(make_jpeg(640, 480, seed=1)))
+    second = Image.open(io.BytesIO(make_jpeg(320, 240, seed=2)))
+    out = io.BytesIO()
+    first.save(out, "MPO", save_all=True, append_images=[second])
+    assert Image.open(io.BytesIO(out.getvalue())).format == "MPO"
+    result = process_image(out.getvalue(), DownloadConfig(resize_mode="keep_ratio"))
+    assert result.error is None, result.error
+    assert (result.original_width, result.original_height, result.width, result.height) == (640, 480, 341, 256)
+    # The JPEG-only checks still run on it: a lying frame header is still truncated.
+    from download_server import lying_jpeg
+
+    lying = Image.open(io.BytesIO(lying_jpeg(9000)))
+    out = io.BytesIO()
+    Image.open(io.BytesIO(make_jpeg(64, 64))).save(out, "MPO", save_all=True, append_images=[lying.copy()])
+    data = bytearray(out.getvalue())
+    sof = data.find(b"\xff\xc0")
+    data[sof + 5:sof + 9] = (9000).to_bytes(2, "big") * 2
+    assert error_code(process_image(bytes(data), DownloadConfig(min_image_bytes=0)).error) == "truncated"
+    # Unless JPEG itself is not allowed.
+    assert error_code(process_image(out.getvalue(), DownloadConfig(allowed_formats=["PNG"], min_image_bytes=0)).error) \
+        == "unsupported_format"
+
+
 _WEBP_PROBE = """
 import io, sys
 from PIL import Image

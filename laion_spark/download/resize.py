@@ -218,7 +218,7 @@ def process_image(data: bytes, cfg: DownloadConfig) -> ImageResult:
         result.error = f"{kind}: {clean_detail(f'{type(exc).__name__}: {exc}', 160)}"
         return result
     img.decodermaxblock = DECODE_PIECE
-    if img.format == "JPEG" and layout is not None:
+    if _format(img) == "JPEG" and layout is not None:
         reader.split_at = layout.scan_starts  # only the decoder reads from here on: short reads are fine
     try:
         return _transform(img, cfg, result, layout)
@@ -226,9 +226,16 @@ def process_image(data: bytes, cfg: DownloadConfig) -> ImageResult:
         img.close()
 
 
+def _format(img: Image.Image) -> str:
+    """The format our rules know it by. MPO (a JPEG followed by more pictures: phones' gain and
+    depth maps, stereo cameras) is its first picture, a plain JPEG, and is decoded as one."""
+    fmt = img.format or "unknown"
+    return "JPEG" if fmt == "MPO" else fmt
+
+
 def _transform(img: Image.Image, cfg: DownloadConfig, result: ImageResult,
                layout: Optional[JpegLayout]) -> ImageResult:
-    fmt = img.format or "unknown"
+    fmt = _format(img)
     result.original_format = fmt
     if fmt not in cfg.allowed_formats:
         result.error = f"unsupported_format: {fmt}"
