@@ -1,7 +1,8 @@
 """The downloader attacked again as a hostile server and a hostile URL list would, with cases
 tests/test_download.py does not have: every spelling of a refused address, a connection made
 only after the deadline fired, a dripping TLS handshake, and images whose decode costs more than
-their header suggests (WebP), or that Pillow names differently (MPO). Servers listen on 127.0.0.1 only; no other address is ever contacted."""
+their header suggests (WebP), or that Pillow names differently (MPO), or that lose their tones
+(16-bit grey). Servers listen on 127.0.0.1 only; no other address is ever contacted."""
 from __future__ import annotations
 
 import io
@@ -195,6 +196,25 @@ def test_mpo_is_decoded_as_the_jpeg_it_starts_with():
     # Unless JPEG itself is not allowed.
     assert error_code(process_image(out.getvalue(), DownloadConfig(allowed_formats=["PNG"], min_image_bytes=0)).error) \
         == "unsupported_format"
+
+
+@pytest.mark.parametrize("byteorder", ["<", ">"])
+def test_16_bit_grey_png_keeps_its_tones(byteorder):
+    """A 16-bit greyscale PNG (scans, medical and scientific images) is mode I;16 in Pillow, whose
+    conversion to 8 bits clips at 255: everything above 1/256 of full scale came out white."""
+    ramp = np.linspace(0, 65535, 300 * 200).reshape(200, 300).astype(byteorder + "u2")
+    img = Image.fromarray(ramp.astype("<u2"))
+    if byteorder == ">":
+        img = Image.frombytes("I;16B", img.size, ramp.tobytes())
+    out = io.BytesIO()
+    img.save(out, "PNG")
+    assert Image.open(io.BytesIO(out.getvalue())).mode.startswith("I;16")
+    result = process_image(out.getvalue(), DownloadConfig(min_image_bytes=0, resize_mode="no"))
+    assert result.error is None, result.error
+    grey = np.asarray(Image.open(io.BytesIO(result.image)).convert("L")).astype(float)
+    expected = (ramp.astype(float) / 257).round()
+    assert abs(grey.mean() - expected.mean()) < 3, (grey.mean(), expected.mean())
+    assert np.abs(grey - expected).mean() < 3
 
 
 _WEBP_PROBE = """

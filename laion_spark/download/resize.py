@@ -16,6 +16,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
+import numpy as np
 from PIL import Image
 
 from laion_spark.config import DownloadConfig
@@ -286,6 +287,8 @@ def _transform(img: Image.Image, cfg: DownloadConfig, result: ImageResult,
             img.load()
         # Shrink first, at the stored orientation, so rotation and conversion work on the small
         # image: the peak stays near the decoded raster plus one working copy.
+        if img.mode.startswith("I;16"):
+            img = _grey16_to_l(img)
         if img.mode not in ("RGB", "RGBA", "L", "LA"):
             img = img.convert("RGBA" if img.mode in ("PA", "P") and (
                 img.mode == "PA" or "transparency" in img.info) else "RGB")
@@ -339,6 +342,13 @@ def _orient(img: Image.Image, orientation: int) -> Image.Image:
     for op in _TRANSPOSE.get(orientation, ()):
         img = img.transpose(op)
     return img
+
+
+def _grey16_to_l(img: Image.Image) -> Image.Image:
+    """16-bit grey to 8 bits by its top byte. Pillow's own I;16 -> L conversion clips at 255, so
+    everything above 1/256 of full scale came out white. Peak: the 2-byte raster plus two 2-byte
+    copies (numpy's view of it, the shifted values), within the estimate (2 + 4 bytes a pixel)."""
+    return Image.fromarray((np.asarray(img) >> 8).astype(np.uint8))
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
