@@ -87,6 +87,10 @@ class ExtractConfig:
     # Limits on one record (a record over one becomes a failure row `code: detail`; the file goes on).
     # Bytes of a WAT JSON payload; a larger metadata record is `too_large` (Common Crawl's are < 1 MB).
     max_wat_json_bytes: int = 16_000_000
+    # Characters of a page's URL (WARC-Target-URI, or the WAT JSON's): every candidate row of the
+    # page repeats it, so a longer one is `bad_url` (a 1 MB URI × 3,000 images overflowed an Arrow
+    # string column: the task crashed). batch_rows × this bounds a batch's page_url bytes / 4.
+    max_page_url_length: int = 8192
     # Open-element nesting of a page before lexbor parses it: lexbor's time grows with depth × tags
     # (16,384 nested <div>: ~1.3 s; 128k: 70 s). Deeper is `too_deep`.
     max_html_depth: int = 32_768

@@ -204,3 +204,43 @@ def test_a_file_that_is_not_a_warc_says_what_it_starts_with(tmp_path):
     (failure,) = got["failure"]
     assert failure["error"].startswith("bad_warc_header: not a WARC record at 0 (the file starts "
                                        "with b'<!doctype html><html><im'): ")
+    # a file that starts as a WARC but whose first header is damaged is not told it is no WARC
+    got = rows(tmp_path, b"WARC/1.0\r\nWARC-Type: \x00\x01\r\n\r\n" + b"x" * 100, name="t.warc")
+    assert got["failure"] and all("not a WARC record" not in r["error"] for r in got["failure"])
+
+
+# ----------------------------------------------------------------------------- page URL size
+def _wat_record(uri: str, n_images: int) -> bytes:
+    import json
+
+    doc = {"Envelope": {"WARC-Header-Metadata": {"WARC-Target-URI": uri,
+                                                 "WARC-Date": "2024-05-01T10:00:00Z"},
+           "Payload-Metadata": {"HTTP-Response-Metadata": {"HTML-Metadata": {"Links": [
+               {"path": "IMG@/src", "url": f"http://ex.com/{i}.jpg", "alt": f"picture number {i}"}
+               for i in range(n_images)]}}}}}
+    block = json.dumps(doc).encode()
+    return (b"WARC/1.0\r\nWARC-Type: metadata\r\nWARC-Target-URI: http://ex.com/x\r\n"
+            b"WARC-Date: 2024-05-01T10:00:00Z\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(block) + block + b"\r\n\r\n")
+
+
+@pytest.mark.parametrize("fmt", ["wat", "warc"])
+def test_page_url_over_its_limit_is_a_failure_not_a_row_per_image(tmp_path, fmt):
+    """Every candidate row repeats its page URL, which had no limit: a WAT record whose JSON
+    WARC-Target-URI was 1 MB, with 3,000 image links (3 GB of page_url), made Arrow return a
+    ChunkedArray and extract_file_batches raise TypeError (a crashed task). warcio reads WARC
+    headers of any size (FastWARC refuses ~64 KB+). Now a page URL over max_page_url_length
+    (8,192) is a `bad_url` failure row, and the record after it is read."""
+    cfg = ExtractConfig(warc_reader="warcio")
+    long_url = "http://ex.com/" + "a" * (cfg.max_page_url_length - 13)
+    ok_url = long_url[:-1]
+    if fmt == "wat":
+        data = _wat_record(long_url, 10) + _wat_record(ok_url, 2)
+    else:
+        page = b"<img src='/a.jpg' alt='une belle image'><img src='/b.jpg' alt='une autre image'>"
+        data, _ = warc_bytes([(long_url, page, (("Content-Type", "text/html"),), None),
+                              (ok_url, page, (("Content-Type", "text/html"),), None)])
+    got = rows(tmp_path, data, cfg, name=f"t.{fmt}")
+    assert [(r["record_offset"], r["error"].split(":")[0]) for r in got["failure"]] == [(0, "bad_url")]
+    assert "over max_page_url_length=8192" in got["failure"][0]["error"]
+    assert len(got["candidate"]) == 2 and {r["page_url"] for r in got["candidate"]} == {ok_url}

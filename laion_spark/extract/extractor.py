@@ -661,6 +661,9 @@ class FileExtractor:
         language id only for kept ones) and append the kept rows column by column. The hot loop
         of both paths: everything it needs is bound to locals."""
         counts = self.counts
+        if len(page_url) > self.cfg.max_page_url_length:
+            raise ExtractError("bad_url", f"page URL of {len(page_url)} characters, over "
+                                          f"max_page_url_length={self.cfg.max_page_url_length}")
         fetch_time, bad_date = fetch_time_us(date or rec.date, self.cfg.min_fetch_year)
         if bad_date is not None:
             self.notes.append((rec.offset, f"bad_date: {bad_date}"))

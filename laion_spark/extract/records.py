@@ -510,7 +510,7 @@ def iter_records(stream: BinaryIO, *, reader: str = "fastwarc",
             error = error_text(exc)[:500]
         if last_start is None:
             # Nothing readable from `pos`: the bad spot is here.
-            if pos == 0 and magic is WARC_MAGIC:
+            if pos == 0 and magic is WARC_MAGIC and first != WARC_MAGIC[:3]:
                 stream.seek(0)
                 code, _, detail = error.partition(":")
                 error = f"{code}: not a WARC record at 0 (the file starts with {stream.read(24)!r}):" \
