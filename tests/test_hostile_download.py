@@ -261,3 +261,47 @@ def test_webp_decode_memory_is_within_its_estimate(tmp_path, mode):
     error, _, peak = probe(size * size * 8)  # twice Pillow's raster: the old estimate passed it
     assert error == "too_large", error
     assert peak < 20_000_000, peak
+
+
+def _not_allowed_formats(n: int) -> dict:
+    """Bodies in formats we refuse whose Pillow plugins parse for seconds before a format check
+    could run (8 MB: EPS 6.1 s, PPM 3.9 s, IM 1.5 s, ICNS 0.8 s measured before the fix)."""
+    import struct
+
+    return {
+        "eps": b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 100 100\n" + b"%%a\n" * (n // 4),
+        "ppm": b"P6\n#" + b"a" * n,
+        "icns": b"icns" + struct.pack(">I", n + 8) + (b"ic07" + struct.pack(">I", 8)) * (n // 8),
+        "im": b"Image type: RGB image\r\n" + b"Lut: x\r\n" * (n // 8),
+    }
+
+
+def test_formats_we_refuse_are_never_parsed(monkeypatch):
+    """Only the allowed formats' Pillow plugins see a body; another format is named from its first
+    bytes and refused at once. Pillow's EPS plugin would start Ghostscript on load: never reached."""
+    from PIL import EpsImagePlugin
+
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **k: pytest.fail("Ghostscript started"))
+    cfg = DownloadConfig(decode_deadline_s=30)
+    for name, data in _not_allowed_formats(8_000_000).items():
+        started = time.monotonic()
+        result = process_image(data, cfg)
+        elapsed = time.monotonic() - started
+        expected = "bad_bytes" if name == "im" else "unsupported_format"  # IM has no header test: unnamed
+        assert error_code(result.error) == expected, (name, result.error)
+        assert elapsed < 0.5, (name, elapsed)
+    assert process_image(_not_allowed_formats(8_000)["eps"], cfg).error == "unsupported_format: EPS"
+    svg = b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg">' + b"<g/>" * 2000 + b"</svg>"
+    assert error_code(process_image(svg, cfg).error) == "unsupported_format"
+    # Allowed formats still open, and a broken one of them is bad bytes, not a refused format.
+    png = io.BytesIO()
+    Image.effect_noise((200, 200), 80).convert("RGB").save(png, "PNG")
+    assert process_image(png.getvalue(), DownloadConfig(min_image_bytes=0)).error is None
+    broken = png.getvalue()[:16] + b"\0" * 8000
+    assert error_code(process_image(broken, DownloadConfig(min_image_bytes=0)).error) == "bad_bytes"
+    gif = io.BytesIO()
+    Image.effect_noise((200, 200), 80).convert("P").save(gif, "GIF")
+    assert process_image(gif.getvalue(), DownloadConfig(min_image_bytes=0)).error == "unsupported_format: GIF"
+    assert process_image(gif.getvalue(), DownloadConfig(min_image_bytes=0, allowed_formats=["GIF"])).error is None
+    # A name Pillow does not know in allowed_formats is ignored, not an error for every image.
+    assert process_image(png.getvalue(), DownloadConfig(min_image_bytes=0, allowed_formats=["PNG", "JPG"])).error is None
