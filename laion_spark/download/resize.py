@@ -96,14 +96,19 @@ class JpegLayout:
     entropy_bytes: int = 0  # coded data after all SOS headers
 
 
-def jpeg_layout(data: bytes, max_scans: int) -> Optional[JpegLayout]:
+def jpeg_layout(data: bytes, max_scans: int, deadline: Optional[float] = None) -> Optional[JpegLayout]:
     """Walk the markers up to EOI (stopping after `max_scans` + 1 scans); None when the bytes are
-    not a JPEG this walk understands (Pillow then decides)."""
+    not a JPEG this walk understands (Pillow then decides). DecodeTimeout after `deadline`: 20 MB
+    of fill bytes or empty segments is millions of steps (1.5 s idle, 7-12 s on a loaded box)."""
     if not data.startswith(b"\xff\xd8"):
         return None
     out = JpegLayout()
     pos, n = 2, len(data)
+    steps = 0
     while pos + 4 <= n:
+        steps += 1
+        if deadline is not None and not steps & 4095 and time.monotonic() > deadline:
+            raise DecodeTimeout()
         if data[pos] != 0xFF:
             return out if out.scans else None
         marker = data[pos + 1]
@@ -201,11 +206,15 @@ def process_image(data: bytes, cfg: DownloadConfig) -> ImageResult:
     if len(data) < cfg.min_image_bytes:
         result.error = f"too_small: {len(data)} bytes < {cfg.min_image_bytes}"
         return result
-    layout = jpeg_layout(data, cfg.max_jpeg_scans)
+    deadline = time.monotonic() + cfg.decode_deadline_s  # the marker walk and the decode share it
+    try:
+        layout = jpeg_layout(data, cfg.max_jpeg_scans, deadline)
+    except DecodeTimeout:
+        result.error = f"timeout: decode over {cfg.decode_deadline_s:g}s"
+        return result
     if layout is not None and layout.scans > cfg.max_jpeg_scans:
         result.error = f"too_many_scans: JPEG with over {cfg.max_jpeg_scans} scans"
         return result
-    deadline = time.monotonic() + cfg.decode_deadline_s
     reader = _DeadlineReader(data, deadline)
     try:
         img = Image.open(reader, formats=_open_formats(tuple(cfg.allowed_formats)))
