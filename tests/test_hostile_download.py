@@ -322,3 +322,30 @@ def test_jpeg_marker_walk_is_under_the_decode_deadline():
         assert error_code(result.error) == "timeout", (name, result.error)
         assert elapsed < deadline + 0.5, (name, elapsed)
     assert process_image(make_jpeg(640, 480), DownloadConfig(decode_deadline_s=deadline)).error is None
+
+
+def test_lookups_nobody_waits_for_are_dropped(server, monkeypatch):
+    """Dead domains whose name servers never answer are common in old URL lists. A lookup whose
+    requests all gave up at their deadline used to stay queued and run later anyway, so names
+    queued behind a burst of such lookups waited for all of them (4 lookup threads) and their URLs
+    timed out too. Here 12 lame names take 1.5 s each; the good name after them must still resolve."""
+    port = server.httpd.server_address[1]
+    calls: list = []
+    real = socket.getaddrinfo
+
+    def fake(host, *args, **kwargs):
+        if not host.endswith(".test"):
+            return real(host, *args, **kwargs)
+        calls.append(host)
+        if host.startswith("lame-"):
+            time.sleep(1.5)
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", fake)
+    lame = [f"http://lame-{i}.test:{port}/ok" for i in range(12)]
+    good = [f"http://good.test:{port}/ok-{i}" for i in range(3)]
+    rows = _run(lame + good, _cfg(total_deadline_s=1.0, threads_per_task=12))
+    assert [error_code(rows[u]["error"]) for u in lame] == ["timeout"] * 12
+    assert [rows[u]["status"] for u in good] == ["success"] * 3, [rows[u]["error"] for u in good]
+    assert sum(c.startswith("lame-") for c in calls) == 4  # the 8 queued ones never ran

@@ -140,6 +140,7 @@ class Resolver:
         self.connect_to = {k.lower(): _parse_connect_to(v) for k, v in (connect_to or {}).items()}
         self._cache: OrderedDict[tuple[str, int], tuple[float, object]] = OrderedDict()
         self._pending: dict[tuple[str, int], Future] = {}
+        self._waiting: dict[tuple[str, int], int] = {}  # requests waiting on each pending lookup
         self._lock = threading.RLock()  # a lookup that finished already runs its callback at once
         self._pool = ThreadPoolExecutor(max(1, max_lookups), thread_name_prefix="download-dns")
         self.lookups = 0  # getaddrinfo calls made (tests)
@@ -188,6 +189,7 @@ class Resolver:
                 future = self._pool.submit(self._getaddrinfo, host, port)
                 self._pending[key] = future
                 future.add_done_callback(lambda f, key=key: self._store(key, f))
+            self._waiting[key] = self._waiting.get(key, 0) + 1
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         try:
             answer = future.result(timeout=timeout)
@@ -195,9 +197,23 @@ class Resolver:
             raise ResolveTimeout(f"{host}: no DNS answer within the deadline") from exc
         except CancelledError as exc:
             raise ResolveError(f"{host}: lookup cancelled") from exc
+        finally:
+            self._leave(key, future)
         if isinstance(answer, ResolveError):
             raise answer
         return answer  # type: ignore[return-value]
+
+    def _leave(self, key: tuple[str, int], future: Future) -> None:
+        """The last request waiting on a lookup that has not started drops it: a queued lookup
+        nobody waits for would still hold a lookup thread later (up to the system resolver's
+        timeout for a dead name server) and delay every name queued behind it."""
+        with self._lock:
+            left = self._waiting.get(key, 1) - 1
+            if left > 0:
+                self._waiting[key] = left
+                return
+            self._waiting.pop(key, None)
+            future.cancel()  # only a lookup still queued; its callback forgets it, nothing is cached
 
     def _store(self, key: tuple[str, int], future: Future) -> None:
         with self._lock:
