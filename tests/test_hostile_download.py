@@ -349,3 +349,32 @@ def test_lookups_nobody_waits_for_are_dropped(server, monkeypatch):
     assert [error_code(rows[u]["error"]) for u in lame] == ["timeout"] * 12
     assert [rows[u]["status"] for u in good] == ["success"] * 3, [rows[u]["error"] for u in good]
     assert sum(c.startswith("lame-") for c in calls) == 4  # the 8 queued ones never ran
+
+
+def test_a_backslash_in_the_authority_is_refused(server, monkeypatch):
+    """`http://169.254.169.254\\@good.test/`: urlsplit takes good.test as the host (the rest is
+    userinfo), while urllib3 and browsers (WHATWG) end the host at the backslash: 169.254.169.254.
+    The connection was pinned to good.test's checked address, so it never left it, but the
+    request sent there named another host than the one checked. Refused before any lookup."""
+    port = server.httpd.server_address[1]
+    connected = _record_connections(monkeypatch)
+    looked_up: list = []
+    real = socket.getaddrinfo
+
+    def fake(host, *args, **kwargs):
+        if host.endswith(".test"):
+            looked_up.append(host)
+        if host == "good.test":
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", fake)
+    bad = [f"http://169.254.169.254\\@good.test:{port}/ok", f"http://10.0.0.1:80\\@good.test:{port}/ok",
+           server.base + "/redirect-to/1/" + quote(f"http://169.254.169.254\\@good.test:{port}/ok", safe="")]
+    ok = f"http://good.test:{port}/ok"
+    rows = _run(bad + [ok], _cfg(threads_per_task=2))
+    for url in bad:
+        assert error_code(rows[url]["error"]) == "bad_url", (url, rows[url]["error"])
+    assert rows[ok]["status"] == "success"
+    assert looked_up == ["good.test"] and {a[0] for a in connected} == {"127.0.0.1"}
+    assert server.host_headers.count(f"good.test:{port}") == 1 and len(server.host_headers) == 2  # ok + the redirect

@@ -563,6 +563,10 @@ def split_target(url: str) -> tuple[str, str, int]:
         scheme = parts.scheme.lower()
         if scheme not in ("http", "https"):
             raise FetchError("unsupported_scheme", repr(scheme[:20]), skipped=True)
+        if "\\" in parts.netloc:
+            # urlsplit reads `a\@b` as userinfo `a\` and host b; urllib3 and browsers end the host
+            # at the backslash (a). The host we check must be the one the request names.
+            raise FetchError("bad_url", "backslash in the authority")
         host = (parts.hostname or "").lower()
         port = parts.port or (443 if scheme == "https" else 80)
     except ValueError as exc:  # bad IPv6 literal, port out of range
