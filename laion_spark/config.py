@@ -91,6 +91,10 @@ class ExtractConfig:
     # page repeats it, so a longer one is `bad_url` (a 1 MB URI × 3,000 images overflowed an Arrow
     # string column: the task crashed). batch_rows × this bounds a batch's page_url bytes / 4.
     max_page_url_length: int = 8192
+    # Unreadable spots (failure rows of the reader) in one file before the rest of it is given up
+    # (`too_many_failures`): each restarts the reader, so a file crafted with a gzip magic every
+    # 4 bytes was one row per 4 bytes and hours of work. Real files have a handful at most.
+    max_read_failures: int = 10_000
     # Open-element nesting of a page before lexbor parses it: lexbor's time grows with depth × tags
     # (16,384 nested <div>: ~1.3 s; 128k: 70 s). Deeper is `too_deep`.
     max_html_depth: int = 32_768

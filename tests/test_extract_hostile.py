@@ -244,3 +244,21 @@ def test_page_url_over_its_limit_is_a_failure_not_a_row_per_image(tmp_path, fmt)
     assert [(r["record_offset"], r["error"].split(":")[0]) for r in got["failure"]] == [(0, "bad_url")]
     assert "over max_page_url_length=8192" in got["failure"][0]["error"]
     assert len(got["candidate"]) == 2 and {r["page_url"] for r in got["candidate"]} == {ok_url}
+
+
+# ----------------------------------------------------------------------------- failure amplification
+def test_a_file_of_chance_magic_bytes_is_given_up_after_max_read_failures(tmp_path):
+    """A gzip magic every 4 bytes: each one restarted the reader and gave one failure row (a
+    crafted 1 GB file: 250 M rows, hours). Now at most max_read_failures rows, then one
+    `too_many_failures` row, and the file is left (FastWARC; warcio re-reads the rest of a
+    junk 'line' at every restart, so it is slow on such a file even within the limit)."""
+    good, _ = warc_bytes(PAGES[:1], gz=True)
+    data = good + b"\x1f\x8b\x08\x00" * 600 + good
+    cfg = ExtractConfig(max_read_failures=50)
+    got = rows(tmp_path, data, cfg, name="t.warc.gz")
+    assert len(got["candidate"]) == 1  # the record before the junk
+    assert len(got["failure"]) == 51 and got["file"][0]["n_failures"] == 51
+    assert got["failure"][-1]["error"].startswith("too_many_failures: over 50 unreadable spots")
+    # under the limit, every spot is still reported and the record after the junk read
+    got = rows(tmp_path, data, ExtractConfig(), name="t.warc.gz")
+    assert len(got["candidate"]) == 2 and len(got["failure"]) == 600

@@ -820,7 +820,8 @@ def extract_file_batches(path: str, cfg: ExtractConfig, opener=None) -> Iterator
         n_records = 0
         notes = extractor.notes
         for item in iter_records(stream, reader=cfg.warc_reader, wants_body=extractor.wants_body,
-                                 max_bytes=max_bytes, verify_digests=cfg.verify_digests):
+                                 max_bytes=max_bytes, verify_digests=cfg.verify_digests,
+                                 max_failures=cfg.max_read_failures):
             if item.__class__ is ReadFailure:
                 builder.add(extractor.failure_row(item.offset, item.error))
             else:
