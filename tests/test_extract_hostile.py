@@ -262,3 +262,35 @@ def test_a_file_of_chance_magic_bytes_is_given_up_after_max_read_failures(tmp_pa
     # under the limit, every spot is still reported and the record after the junk read
     got = rows(tmp_path, data, ExtractConfig(), name="t.warc.gz")
     assert len(got["candidate"]) == 2 and len(got["failure"]) == 600
+
+
+# ----------------------------------------------------------------------------- content codings
+def _raw_response(http: bytes) -> bytes:
+    return (b"WARC/1.0\r\nWARC-Type: response\r\nWARC-Target-URI: http://ex.com/dir/p.html\r\n"
+            b"WARC-Date: 2024-05-01T10:00:00Z\r\nContent-Type: application/http; msgtype=response\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(http) + http + b"\r\n\r\n")
+
+
+@pytest.mark.parametrize("headers", [b"Content-Encoding: gzip, gzip\r\n",
+                                     b"Content-Encoding: gzip\r\nContent-Encoding: gzip\r\n",
+                                     b"Content-Encoding: identity, gzip ,gzip\r\n"])
+def test_stacked_content_codings_are_undone_in_reverse(tmp_path, headers):
+    """`Content-Encoding: gzip, gzip` (or the header twice) was no coding we knew: the page was
+    parsed as gzip bytes, counted as an HTML page, and gave no image."""
+    body = gzip.compress(gzip.compress(PICTURE.encode()))
+    http = b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\n" + headers + b"\r\n" + body
+    got = rows(tmp_path, _raw_response(http))
+    assert cands(got) == WANT and got["failure"] == []
+
+
+def test_stacked_codings_stay_capped():
+    from laion_spark.extract.extractor import decode_http_body
+
+    bomb = gzip.compress(gzip.compress(b"\0" * 30_000_000))
+    out, cut = decode_http_body({"content-encoding": "gzip, gzip"}, bomb, 1_000_000)
+    assert len(out) == 1_000_000 and cut
+    deep = PICTURE.encode()
+    for _ in range(6):
+        deep = gzip.compress(deep)
+    out, _cut = decode_http_body({"content-encoding": ", ".join(["gzip"] * 6)}, deep, 1_000_000)
+    assert out[:2] == b"\x1f\x8b"  # only the last 4 codings are undone

@@ -175,6 +175,9 @@ class HttpResponse:
 _MAX_HTTP_HEADER_BYTES = 65536
 
 
+_LIST_HEADERS = frozenset(("content-encoding", "transfer-encoding"))
+
+
 def split_http_response(block: bytes) -> Optional[tuple[int, dict[str, str], int]]:
     """(status, lower-cased headers, body start) of an HTTP response block, or None if it is not one.
 
@@ -203,7 +206,11 @@ def split_http_response(block: bytes) -> Optional[tuple[int, dict[str, str], int
     for line in lines[1:]:
         name, colon, value = line.partition(":")
         if colon:
-            headers[name.strip().lower()] = value.strip()
+            name = name.strip().lower()
+            if name in _LIST_HEADERS and name in headers:  # repeated: one list, as HTTP reads it
+                headers[name] += ", " + value.strip()
+            else:
+                headers[name] = value.strip()
     return status, headers, body_start
 
 
@@ -291,6 +298,30 @@ def decode_http_body(headers: dict[str, str], body: bytes,
     if "chunked" in headers.get("transfer-encoding", "").lower():
         body, cut = _dechunk(body, max_bytes)
     encoding = headers.get("content-encoding", "").lower().strip()
+    if "," not in encoding:
+        decoded = _decode_content(encoding, body, max_bytes)
+        if decoded is not None:
+            return decoded
+    else:
+        # `gzip, br`: applied in that order, so undone last first (at most _MAX_CODINGS, each
+        # capped at max_bytes); the first that does not decode leaves the body as it is then.
+        codings = [c.strip() for c in encoding.split(",") if c.strip() not in ("", "identity")]
+        for coding in reversed(codings[-_MAX_CODINGS:]):
+            decoded = _decode_content(coding, body, max_bytes)
+            if decoded is None:
+                break
+            body, more_cut = decoded
+            cut = cut or more_cut
+    if len(body) > max_bytes:
+        return body[:max_bytes], True
+    return body, cut
+
+
+_MAX_CODINGS = 4  # content codings undone per body (`gzip, gzip`; a longer list is a trick)
+
+
+def _decode_content(encoding: str, body: bytes, max_bytes: int) -> Optional[tuple[bytes, bool]]:
+    """(body, cut) with one content coding undone, or None when the body is not in it."""
     if encoding in ("gzip", "x-gzip", "deflate") and body[:2] in _ZLIB_STARTS:
         try:
             return _inflate(body, 47 if body[:2] == b"\x1f\x8b" else 15, max_bytes)
@@ -309,9 +340,7 @@ def decode_http_body(headers: dict[str, str], body: bytes,
             return _unbrotli(body, max_bytes)
         except Exception:  # noqa: BLE001 - brotli.error: not really brotli, keep the bytes
             pass
-    if len(body) > max_bytes:
-        return body[:max_bytes], True
-    return body, cut
+    return None
 
 
 def _is_http_record(rec: RawRecord) -> bool:
