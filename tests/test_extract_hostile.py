@@ -294,3 +294,29 @@ def test_stacked_codings_stay_capped():
         deep = gzip.compress(deep)
     out, _cut = decode_http_body({"content-encoding": ", ".join(["gzip"] * 6)}, deep, 1_000_000)
     assert out[:2] == b"\x1f\x8b"  # only the last 4 codings are undone
+
+
+# ----------------------------------------------------------------------------- ARC
+def _arc(gz: bool) -> bytes:
+    """An ARC v1 file (the Internet Archive's format before WARC): a filedesc record, then one
+    HTTP response; one gzip member per record when gz."""
+    desc_body = b"1 0 InternetArchive\nURL IP-address Archive-date Content-type Archive-length\n"
+    desc = b"filedesc://t.arc 0.0.0.0 20240501100000 text/plain %d\n" % len(desc_body) + desc_body + b"\n"
+    http = b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\n\r\n" + PICTURE.encode()
+    rec = b"http://ex.com/dir/p.html 1.2.3.4 20240501100000 text/html %d\n" % len(http) + http + b"\n"
+    return gzip.compress(desc) + gzip.compress(rec) if gz else desc + rec
+
+
+@pytest.mark.parametrize("gz", [True, False])
+@pytest.mark.parametrize("reader", READERS)
+def test_arc_files_are_read(tmp_path, reader, gz):
+    """A folder's `.arc.gz` files were taken as inputs, then every record was a
+    `bad_warc_header` failure (FastWARC reads no ARC; our warcio reader did not convert them).
+    ARC records now come through warcio's arc2warc, whichever reader is configured."""
+    from laion_spark.extract.inputs import resolve_inputs
+
+    got = rows(tmp_path, _arc(gz), ExtractConfig(warc_reader=reader), name="t.arc.gz" if gz else "t.arc")
+    assert cands(got) == WANT and got["failure"] == []
+    assert got["candidate"][0]["fetch_time"].isoformat() == "2024-05-01T10:00:00+00:00"
+    assert resolve_inputs(ExtractConfig(inputs=[str(tmp_path)])) == \
+        [str(tmp_path / ("t.arc.gz" if gz else "t.arc"))]

@@ -15,7 +15,7 @@ from laion_spark.config import ConfigError, ExtractConfig
 
 log = logging.getLogger(__name__)
 
-_ARCHIVE_SUFFIXES = (".warc", ".warc.gz", ".wat", ".wat.gz", ".warc.wat.gz", ".arc.gz")
+_ARCHIVE_SUFFIXES = (".warc", ".warc.gz", ".wat", ".wat.gz", ".warc.wat.gz", ".arc", ".arc.gz")
 _GLOB_CHARS = set("*?[")
 
 

@@ -197,6 +197,18 @@ _OTHER_COMPRESSION = ((re.compile(rb"BZh[1-9](1AY&SY|\x17rE8P\x90)").match, "bzi
                       (re.compile(rb"PK\x03\x04").match, "zip"))
 
 
+def _is_arc(stream: BinaryIO, gz: bool) -> bool:
+    """Whether the stream (its first gzip member's data when `gz`) starts as an ARC file."""
+    stream.seek(0)
+    head = stream.read(4096)
+    if gz:
+        try:
+            head = zlib.decompressobj(31).decompress(head, 16)
+        except zlib.error:
+            return False
+    return head.startswith(b"filedesc://")
+
+
 def other_compression(head: bytes) -> Optional[str]:
     """The name of the compression `head` (a file's first bytes) starts with, if it is one the
     readers cannot read (bzip2, xz, zstd, lz4, zip), else None."""
@@ -402,7 +414,8 @@ def _warcio_records(stream: BinaryIO, wants_body: WantsBody, max_bytes: int,
     from warcio.archiveiterator import ArchiveIterator
 
     start = stream.tell()
-    it = ArchiveIterator(stream, no_record_parse=True, check_digests=False)
+    # (arc2warc: an ARC file's records come as WARC records; a WARC's are left as they are)
+    it = ArchiveIterator(stream, no_record_parse=True, check_digests=False, arc2warc=True)
     for rec in it:
         h = rec.rec_headers
         length_text = h.get_header("Content-Length")
@@ -415,10 +428,13 @@ def _warcio_records(stream: BinaryIO, wants_body: WantsBody, max_bytes: int,
             raise ExtractError("bad_warc_header", f"unreadable WARC-Type {wtype[:40]!r}")
         if length_text is None or wtype is None:
             raise ExtractError("bad_warc_header", "malformed or truncated WARC header")
+        length = _content_length(length_text)
+        if rec.length is not None and 0 <= rec.length < length:
+            length = rec.length  # an ARC record's: its header lines were counted in its length
         raw = RawRecord(
             offset=-1, warc_type=wtype,
             target_uri=_clean_uri(h.get_header("WARC-Target-URI")), date=h.get_header("WARC-Date"),
-            content_type=h.get_header("Content-Type"), content_length=_content_length(length_text),
+            content_type=h.get_header("Content-Type"), content_length=length,
             block=b"", complete=False, truncated=False, digest=h.get_header("WARC-Block-Digest"),
         )
         _read_block(rec.raw_stream.read, raw, wants_body, max_bytes)
@@ -465,10 +481,14 @@ def _iter_records(stream: BinaryIO, *, reader: str = "fastwarc",
     loaded core, so by default only suspect blocks are hashed.)"""
     if reader not in ("fastwarc", "warcio"):
         raise ValueError(f"extract.warc_reader must be fastwarc or warcio, got {reader!r}")
-    read_records = _fastwarc_records if reader == "fastwarc" else _warcio_records
     size = stream.seek(0, 2)
     stream.seek(0)
     first = stream.read(3)
+    if reader == "fastwarc" and _is_arc(stream, first == GZIP_MAGIC):
+        reader = "warcio"  # FastWARC reads no ARC (the Internet Archive's pre-WARC format)
+        log.info("an ARC file: read with warcio")
+    stream.seek(3)
+    read_records = _fastwarc_records if reader == "fastwarc" else _warcio_records
     if first != GZIP_MAGIC and first != WARC_MAGIC[:3]:
         stream.seek(0)
         other = other_compression(stream.read(10))
