@@ -378,3 +378,25 @@ def test_a_backslash_in_the_authority_is_refused(server, monkeypatch):
     assert rows[ok]["status"] == "success"
     assert looked_up == ["good.test"] and {a[0] for a in connected} == {"127.0.0.1"}
     assert server.host_headers.count(f"good.test:{port}") == 1 and len(server.host_headers) == 2  # ok + the redirect
+
+
+def test_serve_query_images_open_only_web_raster_formats(monkeypatch):
+    """A query's image_url (or upload) went through every Pillow plugin with no deadline: 8 MB of
+    EPS comment lines parsed for seconds, and an EPS that parses is then loaded, which starts
+    Ghostscript on the sender's PostScript where it is installed."""
+    from PIL import EpsImagePlugin
+
+    from laion_spark.serve.encoders import QueryError, decode_query_image
+
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **k: pytest.fail("Ghostscript started"))
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 100 100\nshowpage\n%%EOF\n"
+    for data in (eps, _not_allowed_formats(8_000_000)["eps"]):
+        started = time.monotonic()
+        with pytest.raises(QueryError) as refused:
+            decode_query_image(data, 10 ** 7)
+        assert refused.value.code == "bad_image"
+        assert time.monotonic() - started < 0.5
+    for fmt in ("JPEG", "PNG", "WEBP", "GIF", "BMP"):
+        buf = io.BytesIO()
+        Image.new("RGB", (40, 30), (200, 10, 10)).save(buf, fmt)
+        assert decode_query_image(buf.getvalue(), 10 ** 6).size == (40, 30), fmt

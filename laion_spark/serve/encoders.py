@@ -113,13 +113,19 @@ def _pil_image_module():
     return Image
 
 
+# The raster formats a browser shows (JPEG's plugin also opens MPO). Only their Pillow plugins
+# see a query's bytes: any plugin would parse them otherwise (8 MB of EPS comment lines for
+# seconds), and an EPS that parses is loaded by starting Ghostscript on the sender's PostScript.
+QUERY_IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
+
+
 def decode_query_image(data: bytes, max_pixels: int):
     """Bytes → RGB PIL image, refusing anything over `max_pixels` before decoding pixels."""
     Image = _pil_image_module()
     if not data:
         raise QueryError("bad_image", "empty image")
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data), formats=QUERY_IMAGE_FORMATS)
         w, h = image.size
         if w * h > max_pixels:
             raise QueryError("image_too_large", f"{w}x{h} pixels is over the limit of "
