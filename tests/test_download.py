@@ -112,8 +112,9 @@ def test_every_misbehaviour_ends_in_its_row_within_the_deadline(server):
     assert _download_threads() == [], "no downloader thread is left behind"
 
 
-def test_private_redirect_targets_are_refused_before_any_connection(server, monkeypatch):
-    connected: list[tuple] = []
+def _record_connections(monkeypatch) -> list:
+    """Every address the pinned connections open (and no unpinned connection at all)."""
+    connected: list = []
     real = safety.u3_connection.create_connection
 
     def recording(address, *args, **kwargs):
@@ -122,6 +123,11 @@ def test_private_redirect_targets_are_refused_before_any_connection(server, monk
 
     monkeypatch.setattr(safety.u3_connection, "create_connection", recording)
     monkeypatch.setattr(socket, "create_connection", lambda *a, **k: pytest.fail(f"unpinned connect {a}"))
+    return connected
+
+
+def test_private_redirect_targets_are_refused_before_any_connection(server, monkeypatch):
+    connected = _record_connections(monkeypatch)
     urls = [server.base + "/redirect-private", server.base + "/redirect-metadata",
             "http://169.254.169.254/latest/meta-data/", "http://[::ffff:10.0.0.1]/x"]
     # The same targets in the IPv6 forms that embed an IPv4 address, directly and on the 2nd/3rd hop

@@ -21,7 +21,7 @@ from PIL import Image
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
 from download_server import MisbehavingServer, make_jpeg  # noqa: E402
-from test_download import _cfg, _download_threads, _run  # noqa: E402
+from test_download import _cfg, _download_threads, _record_connections, _run  # noqa: E402
 
 from laion_spark.config import DownloadConfig  # noqa: E402
 from laion_spark.download import safety  # noqa: E402
@@ -34,20 +34,6 @@ def server():
     srv = MisbehavingServer().start()
     yield srv
     srv.stop()
-
-
-def _record_connections(monkeypatch) -> list:
-    """Every address the pinned connections open (and no unpinned connection at all)."""
-    connected: list = []
-    real = safety.u3_connection.create_connection
-
-    def recording(address, *args, **kwargs):
-        connected.append(address)
-        return real(address, *args, **kwargs)
-
-    monkeypatch.setattr(safety.u3_connection, "create_connection", recording)
-    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: pytest.fail(f"unpinned connect {a}"))
-    return connected
 
 
 # --------------------------------------------------------------------------- SSRF spellings
