@@ -320,3 +320,23 @@ def test_arc_files_are_read(tmp_path, reader, gz):
     assert got["candidate"][0]["fetch_time"].isoformat() == "2024-05-01T10:00:00+00:00"
     assert resolve_inputs(ExtractConfig(inputs=[str(tmp_path)])) == \
         [str(tmp_path / ("t.arc.gz" if gz else "t.arc"))]
+
+
+@pytest.mark.parametrize("uri", ["<http://ex.com/dir/p.html>", " http://ex.com/dir/p.html\t"])
+def test_wat_page_url_in_angle_brackets_is_cleaned(tmp_path, uri):
+    """wget writes `WARC-Target-URI: <http://…>`; the WARC path strips the brackets, but a WAT
+    made from such a WARC copies the value into its JSON, where it was used as it was: the
+    page_url column held `<http://…>` and every relative image was dropped (`scheme`)."""
+    import json
+
+    doc = {"Envelope": {"WARC-Header-Metadata": {"WARC-Target-URI": uri,
+                                                 "WARC-Date": "2024-05-01T10:00:00Z"},
+           "Payload-Metadata": {"HTTP-Response-Metadata": {"HTML-Metadata": {"Links": [
+               {"path": "IMG@/src", "url": "a.jpg", "alt": "une belle image"}]}}}}}
+    block = json.dumps(doc).encode()
+    data = (b"WARC/1.0\r\nWARC-Type: metadata\r\nWARC-Target-URI: " + uri.encode() + b"\r\n"
+            b"WARC-Date: 2024-05-01T10:00:00Z\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(block) + block + b"\r\n\r\n")
+    got = rows(tmp_path, data, name="t.wat")
+    assert cands(got) == WANT and got["failure"] == []
+    assert {r["page_url"] for r in got["candidate"]} == {"http://ex.com/dir/p.html"}

@@ -22,7 +22,8 @@ import pyarrow as pa
 from laion_spark.config import ExtractConfig
 from laion_spark.extract.html import (charset_from_content_type, decode_html_sniffed, extract_images,
                                      html_nesting)
-from laion_spark.extract.records import ExtractError, ReadFailure, RawRecord, error_text, iter_records
+from laion_spark.extract.records import (ExtractError, ReadFailure, RawRecord, clean_target_uri,
+                                         error_text, iter_records)
 from laion_spark.extract.rules import (ABSOLUTE_HTTP, DROP_EXTENSION, DROP_HOSTNAME, DROP_INVALID_URL,
                                        DROP_NO_ALT, DROP_SHORT_ALT, DROP_URL_LENGTH, CandidateRules,
                                        LanguageIdentifier, resolve_base)
@@ -361,6 +362,7 @@ def _looks_like_html(content_type: Optional[str], body_head: bytes) -> bool:
 
 
 # ------------------------------------------------------------------------------- WAT JSON
+_URI_EDGES = frozenset("<> \t\r\n")  # first or last characters of a WARC-Target-URI to clean
 @dataclass
 class WatPage:
     """What the WAT path needs from one metadata record's JSON."""
@@ -674,6 +676,8 @@ class FileExtractor:
         if page is None:
             page = parse_wat_page(block)
         page_url = _first(page.header_meta.get("WARC-Target-URI")) or rec.target_uri
+        if page_url.__class__ is str and (page_url[:1] in _URI_EDGES or page_url[-1:] in _URI_EDGES):
+            page_url = clean_target_uri(page_url)  # `<http://…>` (from a wget WARC), spaces
         if not page_url or page_url.__class__ is not str:
             raise ExtractError("no_target_uri", "WAT record without WARC-Target-URI")
         base = _first(page.base_href)

@@ -79,7 +79,7 @@ class RawRecord:
 
     def _resolve_headers(self) -> None:
         headers, self._headers = self._headers, None
-        self._target_uri = _clean_uri(headers.get("WARC-Target-URI"))
+        self._target_uri = clean_target_uri(headers.get("WARC-Target-URI"))
         self._date = headers.get("WARC-Date")
         self._content_type = headers.get("Content-Type")
         self._digest = headers  # WARC-Block-Digest is looked up when asked for (rarely)
@@ -135,8 +135,9 @@ class ReadFailure:
 WantsBody = Callable[[RawRecord], bool]
 
 
-def _clean_uri(uri: Optional[str]) -> Optional[str]:
-    """wget writes `WARC-Target-URI: <https://...>` (a WARC 1.1 draft form); strip the brackets."""
+def clean_target_uri(uri: Optional[str]) -> Optional[str]:
+    """wget writes `WARC-Target-URI: <https://...>` (a WARC 1.1 draft form); strip the brackets
+    (also from a WAT's JSON copy of the header, made from such a WARC)."""
     if uri is None:
         return None
     uri = uri.strip()
@@ -433,7 +434,7 @@ def _warcio_records(stream: BinaryIO, wants_body: WantsBody, max_bytes: int,
             length = rec.length  # an ARC record's: its header lines were counted in its length
         raw = RawRecord(
             offset=-1, warc_type=wtype,
-            target_uri=_clean_uri(h.get_header("WARC-Target-URI")), date=h.get_header("WARC-Date"),
+            target_uri=clean_target_uri(h.get_header("WARC-Target-URI")), date=h.get_header("WARC-Date"),
             content_type=h.get_header("Content-Type"), content_length=length,
             block=b"", complete=False, truncated=False, digest=h.get_header("WARC-Block-Digest"),
         )
