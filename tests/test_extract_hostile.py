@@ -81,6 +81,12 @@ def test_missing_inputs_are_a_clear_config_error(tmp_path, http_dir):
     assert resolve_inputs(ExtractConfig(inputs=[str(present), f"{base}/ok.warc.gz"])) == \
         [str(present), f"{base}/ok.warc.gz"]
     assert resolve_inputs(ExtractConfig(inputs=[str(tmp_path / "empty")])) == []
+    # a crawl-like tree: `**` spans folders (it matched one level only, as `*`)
+    deep = tmp_path / "crawl-data" / "CC-MAIN-2024-22" / "segments" / "1" / "warc"
+    deep.mkdir(parents=True)
+    (deep / "f.warc.gz").write_bytes(b"")
+    assert resolve_inputs(ExtractConfig(inputs=[f"{tmp_path}/crawl-data/**/*.warc.gz"])) == \
+        [str(deep / "f.warc.gz")]
 
 
 def test_cli_names_the_missing_input_and_exits_2(tmp_path, caplog):

@@ -62,12 +62,18 @@ def _expand(entry: str) -> list[str]:
         return [entry]
     local = entry[7:] if entry.startswith("file://") else entry
     if _GLOB_CHARS & set(local):
-        return sorted(os.path.abspath(p) for p in glob.glob(local) if os.path.isfile(p))
+        # (`**` spans folders, as in fsspec's remote globs)
+        return sorted(os.path.abspath(p) for p in glob.glob(local, recursive=True) if os.path.isfile(p))
     if os.path.isdir(local):
-        return sorted(
+        found = sorted(
             os.path.abspath(os.path.join(local, n)) for n in os.listdir(local)
             if n.endswith(_ARCHIVE_SUFFIXES) and os.path.isfile(os.path.join(local, n))
         )
+        if not found:
+            log.warning("extract input folder %s holds no %s file (its subfolders are not "
+                        "searched: name them with a glob, e.g. '%s')", entry, "/".join(_ARCHIVE_SUFFIXES),
+                        os.path.join(entry, "**", "*.warc.gz"))
+        return found
     if not os.path.exists(local):
         raise ConfigError(f"extract input {entry}: no such file or folder")
     return [os.path.abspath(local)]
