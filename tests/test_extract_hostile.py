@@ -346,3 +346,18 @@ def test_wat_page_url_in_angle_brackets_is_cleaned(tmp_path, uri):
     got = rows(tmp_path, data, name="t.wat")
     assert cands(got) == WANT and got["failure"] == []
     assert {r["page_url"] for r in got["candidate"]} == {"http://ex.com/dir/p.html"}
+
+
+# ----------------------------------------------------------------------------- srcset
+def test_srcset_candidates_with_invalid_numbers_are_dropped():
+    """`b.jpg -5w` (any width beats any density) or `c.jpg 1e400w` (infinite) was taken as the
+    largest candidate; the HTML spec drops a candidate whose width is not > 0 or density < 0,
+    and browsers never show it."""
+    from laion_spark.extract.html import largest_srcset_candidate
+
+    assert largest_srcset_candidate("a.jpg 1x, b.jpg -5w") == "a.jpg"
+    assert largest_srcset_candidate("a.jpg 2x, c.jpg 1e400w, d.jpg 0w") == "a.jpg"
+    assert largest_srcset_candidate("a.jpg 1x, e.jpg NaNx, f.jpg infx, g.jpg -1x") == "a.jpg"
+    assert largest_srcset_candidate("a.jpg 100w, b.jpg 300w") == "b.jpg"
+    assert largest_srcset_candidate("a.jpg 0x") == "a.jpg"  # (valid, if useless)
+    assert largest_srcset_candidate("a.jpg 50vw, b.jpg 2x") == "b.jpg"  # junk token: lenient

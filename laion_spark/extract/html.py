@@ -427,7 +427,12 @@ def _largest_srcset(srcset: str) -> tuple[Optional[str], tuple[int, float]]:
                     key = (0, float(token[:-1]))
             except ValueError:
                 continue
-        if key > best_key:
+            # a width must be > 0 and a density >= 0, both finite (the spec drops the candidate:
+            # `-5w`, `1e400w` or `NaNx` must not win); other junk tokens are let pass
+            if not (0 < key[1] < math.inf or (key[0] == 0 and key[1] == 0)):
+                key = None
+                break
+        if key is not None and key > best_key:
             best_url, best_key = url, key
     return best_url, best_key
 
