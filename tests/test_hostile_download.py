@@ -386,3 +386,22 @@ def test_serve_query_images_open_only_web_raster_formats(monkeypatch):
         buf = io.BytesIO()
         Image.new("RGB", (40, 30), (200, 10, 10)).save(buf, fmt)
         assert decode_query_image(buf.getvalue(), 10 ** 6).size == (40, 30), fmt
+
+
+def test_a_trailing_dot_is_the_same_host_for_politeness(server, monkeypatch):
+    """`good.test.` is `good.test` (the absolute spelling of the name): its requests count
+    against the same per-host cap and share its 429 back-off. Each spelling had its own slots,
+    so a URL list could double (or, with more spellings, multiply) the load on one host."""
+    port = server.httpd.server_address[1]
+    real = socket.getaddrinfo
+
+    def fake(host, *args, **kwargs):
+        if host.rstrip(".") == "good.test":
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", fake)
+    urls = [f"http://good.test{'.' * (i % 2)}:{port}/slow-ok-{i}" for i in range(6)]
+    rows = _run(urls, _cfg(per_host_concurrency=1, threads_per_task=6, total_deadline_s=10.0))
+    assert all(r["status"] == "success" for r in rows.values()), {u: r["error"] for u, r in rows.items()}
+    assert server.max_concurrent == 1

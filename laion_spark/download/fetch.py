@@ -416,12 +416,13 @@ class Fetcher:
                 raise FetchError("timeout", f"total deadline {cfg.total_deadline_s:g}s (DNS)") from exc
             except ResolveError as exc:
                 raise FetchError("dns_error", str(exc)) from exc
-            self.hosts.acquire(host, deadline)
+            site = host.rstrip(".")  # `a.test.` is `a.test`: one per-host cap and back-off for both
+            self.hosts.acquire(site, deadline)
             try:
-                redirect = self._one_hop(session, current, ip, self.resolver.port_for(host, port), host,
+                redirect = self._one_hop(session, current, ip, self.resolver.port_for(host, port), site,
                                          deadline)
             finally:
-                self.hosts.release(host)
+                self.hosts.release(site)
             if isinstance(redirect, str):
                 current = redirect
                 continue
