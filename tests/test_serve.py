@@ -290,6 +290,50 @@ def test_hostile_input_gets_a_clear_4xx(url, truth):
         assert after.status_code == 200 and len(after.json()) >= 1, name
 
 
+def test_hostile_fields_are_a_4xx_or_a_right_answer_never_a_500(url):
+    """Field values that raised inside the search (a 500 each, measured before the fix): a
+    modality that is a list or object (unhashable), an embedding with an integer over float's
+    range (10**400: Python's json reads it, numpy cannot convert it), a text with a lone UTF-16
+    surrogate (json reads \\ud800, the tokenizer cannot), an export of no ids. And 1e308 values
+    overflowed the norm to inf, so the query became the zero vector and every similarity 0."""
+    post = lambda body, path="/knn-service": requests.post(url + path, data=body, timeout=60)  # noqa: E731
+    big = "1" + "0" * 400
+    cases = {
+        "modality list": (json.dumps({"indice_name": "demo", "text": "x", "modality": ["image"]}),
+                          "bad_modality"),
+        "modality object": (json.dumps({"indice_name": "demo", "text": "x",
+                                        "modality": {"a": 1}}), "bad_modality"),
+        "embedding 10**400": ('{"indice_name": "demo", "embedding_input": [' +
+                              ", ".join([big] * 64) + "]}", "bad_embedding"),
+        "lone surrogate text": ('{"indice_name": "demo", "text": "a\\ud800b"}', "bad_json"),
+        "lone surrogate image_url": ('{"indice_name": "demo", "image_url": '
+                                     '"http://a.test/\\udfff.jpg"}', "bad_json"),
+    }
+    for name, (body, code) in cases.items():
+        for path in ("/knn-service", "/api/search"):
+            r = post(body, path)
+            assert r.status_code == 400 and r.json()["error"] == code, (name, path, r.text[:300])
+    direction = [1.0] * 32 + [-1.0] * 32
+    small = post(json.dumps({"indice_name": "demo", "embedding_input": direction,
+                             "num_images": 5, "deduplicate": False}))
+    huge = post(json.dumps({"indice_name": "demo", "embedding_input": [v * 1e308 for v in
+                                                                        direction],
+                            "num_images": 5, "deduplicate": False}))
+    assert small.status_code == huge.status_code == 200, huge.text[:300]
+    assert [r["id"] for r in huge.json()] == [r["id"] for r in small.json()]
+    assert huge.json()[0]["similarity"] == pytest.approx(small.json()[0]["similarity"], abs=1e-4)
+    assert abs(small.json()[0]["similarity"]) > 0.01
+    for fmt in ("parquet", "img2dataset", "sql"):
+        r = post(json.dumps({"indice_name": "demo", "ids": [], "format": fmt}), "/api/export")
+        assert r.status_code == 200, (fmt, r.text[:300])
+    import pyarrow.parquet as pq
+
+    r = post(json.dumps({"indice_name": "demo", "ids": [], "format": "parquet"}), "/api/export")
+    assert pq.read_table(io.BytesIO(r.content)).num_rows == 0
+    ok = post(json.dumps({"indice_name": "demo", "text": "a red circle", "num_images": 3}))
+    assert ok.status_code == 200 and len(ok.json()) >= 1
+
+
 class _Redirector(BaseHTTPRequestHandler):
     image = b""
 

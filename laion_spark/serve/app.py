@@ -136,7 +136,14 @@ def parse_json_body(raw: bytes) -> Any:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         try:
-            return json.loads(raw)
+            body = json.loads(raw)
+            # orjson refuses a lone UTF-16 surrogate ("\\ud800"), Python's json reads it into a
+            # str that no tokenizer or URL parser can encode: refused here for every field.
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+            return body
+        except UnicodeEncodeError:
+            raise QueryError("bad_json", "a string holds a lone UTF-16 surrogate (such as "
+                             "\\ud800): not valid Unicode") from exc
         except (ValueError, RecursionError):
             raise QueryError("bad_json", f"body is not valid JSON: {exc}") from exc
 

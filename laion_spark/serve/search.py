@@ -118,7 +118,7 @@ def parse_query(body: Any, indices: dict[str, IndexFolder], cfg: ServeConfig) ->
                          f"known: {sorted(indices)}", 404)
     folder = indices[name]
     modality = body.get("modality") or "image"
-    if modality not in folder.indices:
+    if not isinstance(modality, str) or modality not in folder.indices:  # a list: unhashable
         raise QueryError("bad_modality", f"modality {str(modality)[:50]!r} is not one of "
                          f"{sorted(folder.indices)} for {name}")
     given = [k for k in ("text", "image", "image_url", "embedding_input") if body.get(k)]
@@ -164,13 +164,18 @@ def _embedding_from_input(value: Any, dim: int) -> np.ndarray:
     if len(value) != dim:
         raise QueryError("bad_embedding", f"embedding_input has {len(value)} values, this index "
                          f"needs {dim}")
-    x = np.asarray(value, dtype=np.float64)
+    try:
+        x = np.asarray(value, dtype=np.float64)
+    except OverflowError as exc:  # an integer over float's range (json reads 10**400)
+        raise QueryError("bad_embedding", "embedding_input has a value over float range") \
+            from exc
     if not np.isfinite(x).all():
         raise QueryError("bad_embedding", "embedding_input has NaN or infinite values")
-    norm = float(np.linalg.norm(x))
-    if norm == 0.0:
+    peak = float(np.abs(x).max())
+    if peak == 0.0:
         raise QueryError("bad_embedding", "embedding_input is the zero vector")
-    return (x / norm).astype(np.float32)
+    x = x / peak  # the norm of values near 1e308 overflows to inf (x / inf: the zero vector)
+    return (x / np.linalg.norm(x)).astype(np.float32)
 
 
 def embed_query(q: Query, folder: IndexFolder, cfg: ServeConfig, dcfg: DownloadConfig,

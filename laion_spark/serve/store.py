@@ -102,7 +102,7 @@ class Metadata:
         """Rows for `ids` (valid, 0 <= id < n), in the order given."""
         ids = np.asarray(ids, dtype=np.int64)
         cols = [c for c in (columns or self.columns) if c in self.columns]
-        if len(self.parts) == 1:
+        if len(self.parts) == 1 or not len(ids):  # no ids: no piece to concatenate
             return self.parts[0].table.select(cols).take(pa.array(ids))
         which = np.searchsorted(self.starts, ids, side="right") - 1
         pieces, positions = [], []
