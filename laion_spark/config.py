@@ -249,6 +249,8 @@ class ServeConfig:
     max_text_chars: int = 2_000  # query text; longer is cut, not refused
     url_deadline_s: float = 10.0  # image_url fetch, total (through the downloader's fetcher)
     max_metadata_ids: int = 10_000  # ids per /metadata call
+    request_read_timeout_s: float = 10.0  # connection open (or a request's first byte) to its body's end; over: 408, closed
+    max_connections_per_client: int = 64  # open connections per client address per worker; over: 503, closed; 0: no cap
     safe_mode: bool = True  # drop punsafe > nsfw_threshold unless the query turns it off
     nsfw_threshold: float = 0.5
     dedup_urls: bool = True  # collapse duplicate URLs (best-ranked kept) unless turned off

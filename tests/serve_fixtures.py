@@ -40,10 +40,12 @@ def running(spec):
     import uvicorn
 
     from laion_spark.serve.app import create_app
+    from laion_spark.serve.protocol import UVICORN_HTTP
 
     app = create_app(spec)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                           http=UVICORN_HTTP))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 30

@@ -334,6 +334,87 @@ def test_hostile_fields_are_a_4xx_or_a_right_answer_never_a_500(url):
     assert ok.status_code == 200 and len(ok.json()) >= 1
 
 
+def _closed_within(socks: dict, seconds: float) -> dict:
+    """{name: bytes the server sent before closing} for each socket it closed in time."""
+    import select
+
+    closed, got, until = {}, {k: b"" for k in socks}, time.time() + seconds
+    while len(closed) < len(socks) and time.time() < until:
+        names = {socks[k].fileno(): k for k in socks if k not in closed}
+        ready, _, _ = select.select(list(names), [], [], max(0.0, until - time.time()))
+        for fd in ready:
+            name = names[fd]
+            try:
+                data = socks[name].recv(4096)
+            except OSError:
+                data = b""
+            if data:
+                got[name] += data
+            else:
+                closed[name] = got[name]
+    return closed
+
+
+def test_slow_and_hoarding_clients_are_cut_off(truth):
+    """Slowloris: a connection that sends nothing, half its headers, or less body than its
+    Content-Length was held open for ever (25 s and counting, measured before the guard), and one
+    client could hold every descriptor. Now each gets 408 and is closed after
+    request_read_timeout_s; one address holds at most max_connections_per_client."""
+    import socket
+
+    from laion_spark.serve.protocol import GuardedHttpTools
+
+    cfg = replace(ServeConfig(), request_read_timeout_s=1.5, max_connections_per_client=20)
+    spec = ServeSpec(indices=[("demo", truth["index"])], serve=cfg)
+    body = json.dumps({"indice_name": "demo", "embedding_input": [1.0] * 64, "num_images": 3})
+    try:
+        with running(spec) as base:
+            port = int(base.rsplit(":", 1)[1])
+
+            def connect(first: bytes, source: str = "127.0.0.1") -> socket.socket:
+                s = socket.create_connection(("127.0.0.1", port), source_address=(source, 0))
+                s.sendall(first)
+                return s
+
+            socks = {
+                "idle": connect(b""),
+                "half headers": connect(b"POST /knn-service HTTP/1.1\r\nHost: x\r\n"),
+                "short body (fast path)": connect(b"POST /knn-service HTTP/1.1\r\nHost: x\r\n"
+                                                  b"Content-Length: 1000\r\n\r\n{\"a\""),
+                "short body (route)": connect(b"POST /metadata HTTP/1.1\r\nHost: x\r\n"
+                                              b"Content-Length: 1000\r\n\r\n{\"a\""),
+            }
+            # a kept-alive connection: its first request answered, a second one stalls
+            first = (f"POST /knn-service HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}"
+                     f"\r\n\r\n{body}").encode()
+            socks["second request stalls"] = connect(first + b"POST /knn-service HTTP/1.1\r\n")
+            closed = _closed_within(socks, 20)
+            assert set(closed) == set(socks), f"still open: {set(socks) - set(closed)}"
+            for name, data in closed.items():
+                assert b"408 Request Timeout" in data, (name, data[:200])
+            assert b"200 OK" in closed["second request stalls"]
+            for s in socks.values():
+                s.close()
+            # one address (127.0.0.2) opens 40 idle connections: 20 stay open, 20 get 503
+            GuardedHttpTools.configure(60, 20)  # no 408 for the idle ones while counting
+            hoard = {i: connect(b"", "127.0.0.2") for i in range(40)}
+            refused = _closed_within(hoard, 5)
+            assert len(refused) == 20 and all(b"503" in d for d in refused.values()), \
+                len(refused)
+            r = requests.post(base + "/knn-service", data=body, timeout=30)  # another address
+            assert r.status_code == 200 and len(r.json()) >= 1
+            for s in hoard.values():
+                s.close()
+            time.sleep(0.5)  # closed: its slots are free again
+            again = connect(first.replace(b"HTTP/1.1\r\n", b"HTTP/1.1\r\nConnection: close\r\n"),
+                            "127.0.0.2")
+            assert b"200 OK" in _closed_within({"a": again}, 30).get("a", b"")
+            again.close()
+    finally:
+        GuardedHttpTools.configure(ServeConfig.request_read_timeout_s,
+                                   ServeConfig.max_connections_per_client)
+
+
 class _Redirector(BaseHTTPRequestHandler):
     image = b""
 
@@ -429,7 +510,8 @@ def test_cli_serves_with_two_workers(truth, tmp_path):
     log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "laion_spark.cli", "serve", "--index",
                              f"demo={index}", "--port", str(port), "--workers", "2",
-                             "--set", "serve.nprobe=2"],
+                             "--set", "serve.nprobe=2",
+                             "--set", "serve.request_read_timeout_s=2"],
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         base = f"http://127.0.0.1:{port}"
@@ -456,6 +538,12 @@ def test_cli_serves_with_two_workers(truth, tmp_path):
             pids |= {line.split('pid="')[1].split('"')[0] for line in m.splitlines()
                      if 'pid="' in line}
         print("worker pids seen", pids)
+        # the workers run the guarded protocol: an idle connection gets 408 and is closed
+        import socket
+
+        idle = socket.create_connection(("127.0.0.1", port))
+        assert b"408" in _closed_within({"idle": idle}, 20).get("idle", b"")
+        idle.close()
         assert len(pids) >= 1
         # the operator's nprobe replaces the build's (8 in index_params.json)
         assert requests.get(base + "/api/indices", timeout=5).json()["demo"]["nprobe"] == {

@@ -305,6 +305,10 @@ def create_app(spec: ServeSpec):
     faiss.omp_set_num_threads(1)
     svc = Service(spec)
     cfg = svc.cfg
+    from laion_spark.serve.protocol import GuardedHttpTools
+
+    # this worker's slow-client guards (uvicorn builds the protocol per connection, after this)
+    GuardedHttpTools.configure(cfg.request_read_timeout_s, cfg.max_connections_per_client)
     app = FastAPI(title="laion-spark search",
                   description="clip-retrieval compatible search over laion-spark indices; our "
                               "additions under /api/.", version="1",

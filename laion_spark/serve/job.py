@@ -66,16 +66,18 @@ def serve(spec: ServeSpec, host: str, port: int, workers: int) -> None:
     the app, with faiss, torch and FastAPI, is imported by the workers only)."""
     import uvicorn
 
+    from laion_spark.serve.protocol import UVICORN_HTTP
+
     os.environ[SPEC_ENV] = spec.to_json()
     if workers <= 1:
         from laion_spark.serve.app import create_app
 
         uvicorn.run(create_app(spec), host=host, port=port, log_level="warning",
-                    access_log=False, timeout_graceful_shutdown=5)
+                    access_log=False, timeout_graceful_shutdown=5, http=UVICORN_HTTP)
     else:
         uvicorn.run("laion_spark.serve.app:create_app_from_env", factory=True, host=host,
                     port=port, workers=workers, log_level="warning",
-                    access_log=False, timeout_graceful_shutdown=5)
+                    access_log=False, timeout_graceful_shutdown=5, http=UVICORN_HTTP)
 
 
 def run(ctx, args: argparse.Namespace) -> dict:

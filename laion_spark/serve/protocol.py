@@ -1,0 +1,101 @@
+"""uvicorn's httptools protocol with two guards against slow or hoarding clients (slowloris).
+
+Why: uvicorn times out only an idle keep-alive connection between requests. A connection that
+sends nothing, half a request line, headers without their blank line, or a body slower than its
+Content-Length promises was held open for ever (measured: 25 s and counting), so about a
+thousand of them (the usual 1,024 descriptors per process) left every other client unanswered.
+
+- `serve.request_read_timeout_s`: from a connection's opening, or from the first byte of a later
+  request on it, to the end of that request's body; over it the server answers 408 (unless a
+  response already started) and closes.
+- `serve.max_connections_per_client`: open connections one client address may hold in a worker;
+  a connection over it gets 503 and is closed at once. Behind a reverse proxy every client has
+  the proxy's address: raise it or set 0 (no cap).
+
+Set per worker process by `configure` (the app factory calls it with the worker's ServeConfig).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Optional
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+log = logging.getLogger(__name__)
+
+# uvicorn's `http=` for `laion-spark serve` (a string: each worker process imports it)
+UVICORN_HTTP = "laion_spark.serve.protocol:GuardedHttpTools"
+
+
+def _answer(status: bytes) -> bytes:
+    return (b"HTTP/1.1 " + status + b"\r\ncontent-type: text/plain; charset=utf-8\r\n"
+            b"content-length: 0\r\nconnection: close\r\n\r\n")
+
+
+class GuardedHttpTools(HttpToolsProtocol):
+    """HttpToolsProtocol plus a request read deadline and a per-client connection cap."""
+
+    read_timeout_s: float = 10.0
+    max_per_client: int = 64
+
+    @classmethod
+    def configure(cls, read_timeout_s: float, max_per_client: int) -> None:
+        cls.read_timeout_s, cls.max_per_client = read_timeout_s, max_per_client
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._read_timer: Optional[asyncio.TimerHandle] = None
+        # open connections per client address, per server (uvicorn's state of this listener)
+        if not hasattr(self.server_state, "open_by_client"):
+            self.server_state.open_by_client = {}
+        self._open = self.server_state.open_by_client
+        self._host = self.client[0] if self.client else None
+        held = self._open.get(self._host, 0)
+        if self._host is not None and 0 < self.max_per_client <= held:
+            log.warning("serve: %s holds %d connections, the limit; refused", self._host, held)
+            self._host = None  # not counted
+            transport.write(_answer(b"503 Service Unavailable"))
+            transport.close()
+            return
+        if self._host is not None:
+            self._open[self._host] = held + 1
+        self._arm()
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        self._disarm()
+        if self._host is not None:
+            left = self._open.get(self._host, 1) - 1
+            if left > 0:
+                self._open[self._host] = left
+            else:
+                self._open.pop(self._host, None)
+            self._host = None
+        super().connection_lost(exc)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self._read_timer is None:  # a later request on a kept-alive connection
+            self._arm()
+
+    def on_message_complete(self) -> None:
+        self._disarm()
+        super().on_message_complete()
+
+    def _arm(self) -> None:
+        if self.read_timeout_s > 0:
+            self._read_timer = self.loop.call_later(self.read_timeout_s, self._read_too_slow)
+
+    def _disarm(self) -> None:
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
+
+    def _read_too_slow(self) -> None:
+        self._read_timer = None
+        if self.transport.is_closing():
+            return
+        cycle = self.cycle  # the previous request's while a later one's headers are read
+        if cycle is None or cycle.response_complete or not cycle.response_started:
+            self.transport.write(_answer(b"408 Request Timeout"))
+        self.transport.close()
