@@ -58,6 +58,38 @@ def test_sql_writes_parquet_and_delta(spark, lake, tmp_path):
     assert spark.range(3).count() == 3
 
 
+def test_sql_out_never_deletes_what_it_did_not_write(spark, lake, tmp_path):
+    """Spark's overwrite deletes the whole --out path first: a folder's own files, a file, the
+    lake itself given its root (all of `pairs` gone, measured) or a table being read. Now such an
+    --out is refused and nothing is touched; an earlier output of the command is still replaced.
+    A query Spark cannot parse or resolve ends with its one-line reason, not a Java stack."""
+    rows = [(i, f"http://x/{i}.jpg") for i in range(30)]
+    lake.append("pairs", spark.createDataFrame(rows, "uid long, url string"))
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.txt").write_text("years of work")
+    common = ["--lake", lake.root, "--log-level", "WARNING"]
+    for out, fmt in ((precious, "parquet"), (precious / "thesis.txt", "csv"),
+                     (Path(lake.root), "csv"), (Path(lake.root) / "pairs", "parquet"),
+                     (tmp_path, "json"), (precious, "delta")):
+        with pytest.raises(SystemExit, match="--out") as exc:
+            main(["sql", "SELECT uid FROM pairs", "--out", str(out), "--format", fmt, *common])
+        assert str(out) in str(exc.value)
+    assert (precious / "thesis.txt").read_text() == "years of work"
+    assert sorted(p.name for p in precious.iterdir()) == ["thesis.txt"]
+    assert lake.read("pairs").count() == 30
+    out = tmp_path / "subset"
+    for n in (5, 7):  # a new path, then the command's own earlier output: replaced
+        assert main(["sql", f"SELECT uid FROM pairs WHERE uid < {n}", "--out", str(out),
+                     *common]) == 0
+        assert pq.read_table(str(out)).num_rows == n
+    for query, reason in (("SELEC uid FROM pairs", "PARSE_SYNTAX_ERROR"),
+                          ("SELECT * FROM nope", "TABLE_OR_VIEW_NOT_FOUND")):
+        with pytest.raises(SystemExit, match=reason) as exc:
+            main(["sql", query, *common])
+        assert "\tat org.apache" not in str(exc.value)
+
+
 def test_config_error_exit_code(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("lake:\n  rooot: /tmp/x\n")

@@ -4,10 +4,43 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("parquet", "delta", "csv", "json")
+# What Spark itself leaves in an output folder: parts, their checksums, the commit markers.
+SPARK_OUTPUT = re.compile(r"^(\.?part-.*|\.?_SUCCESS(\.crc)?|_temporary|_(committed|started)_.*)$")
+
+
+def check_out(out: str, fmt: str) -> None:
+    """Refuse an --out whose overwrite would delete what this command did not write: Spark's
+    overwrite mode deletes the whole path first (a folder's own files, a file, the lake itself
+    given its root, a table being read). Allowed: a new path, an empty folder, an earlier
+    output (Spark's parts and markers only; for delta, a Delta table)."""
+    try:
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(out)
+        if not fs.exists(path):
+            return
+        is_dir = fs.isdir(path)
+        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)] \
+            if is_dir else []
+    except (ImportError, ValueError, OSError) as exc:  # no driver for the scheme: Spark decides
+        log.warning("sql: cannot check --out %s before writing: %s", out, exc)
+        return
+    if not is_dir:
+        raise SystemExit(f"sql: --out {out} is a file; writing would replace it: choose a new "
+                         "path")
+    if fmt == "delta":
+        other = [] if "_delta_log" in names else names
+    else:
+        other = sorted(n for n in names if not SPARK_OUTPUT.match(n))
+    if other:
+        raise SystemExit(f"sql: --out {out} holds {len(other)} entries that are not an earlier "
+                         f"output of this command ({', '.join(other[:5])}): writing would "
+                         "delete them; choose a new or empty folder")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,9 +53,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_sql(ctx, query: str, out: str | None = None, fmt: str = "parquet", show: int = 20) -> dict:
+    from pyspark.errors import AnalysisException
+
+    if out is not None and (fmt != "delta" or "/" in out or out.startswith(".")):
+        check_out(out, fmt)
     names = ctx.lake.register_views()
     log.info("views: %s", ", ".join(names) or "(no tables under %s)" % ctx.lake.root)
-    df = ctx.spark.sql(query)
+    try:
+        df = ctx.spark.sql(query)
+    except AnalysisException as exc:  # ParseException too: the reason, not the Java stack
+        raise SystemExit(f"sql: {str(exc).strip().splitlines()[0]}") from None
     if out is None:
         rows = df.limit(show).collect()
         cols = df.columns
