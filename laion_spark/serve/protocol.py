@@ -8,6 +8,9 @@ thousand of them (the usual 1,024 descriptors per process) left every other clie
 - `serve.request_read_timeout_s`: from a connection's opening, or from the first byte of a later
   request on it, to the end of that request's body; over it the server answers 408 (unless a
   response already started) and closes.
+- `serve.max_header_bytes`: a request line and headers together (httptools has no cap: one
+  connection streaming a header grew the worker by over 1 GB in 8 s); over it 431 and closed,
+  checked after each read (asyncio reads up to 256 KiB at a time).
 - `serve.max_connections_per_client`: open connections one client address may hold in a worker;
   a connection over it gets 503 and is closed at once. Behind a reverse proxy every client has
   the proxy's address: raise it or set 0 (no cap).
@@ -37,15 +40,18 @@ class GuardedHttpTools(HttpToolsProtocol):
     """HttpToolsProtocol plus a request read deadline and a per-client connection cap."""
 
     read_timeout_s: float = 10.0
+    max_head_bytes: int = 65_536
     max_per_client: int = 64
 
     @classmethod
-    def configure(cls, read_timeout_s: float, max_per_client: int) -> None:
-        cls.read_timeout_s, cls.max_per_client = read_timeout_s, max_per_client
+    def configure(cls, read_timeout_s: float, max_head_bytes: int, max_per_client: int) -> None:
+        cls.read_timeout_s, cls.max_head_bytes = read_timeout_s, max_head_bytes
+        cls.max_per_client = max_per_client
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._read_timer: Optional[asyncio.TimerHandle] = None
+        self._head_bytes: Optional[int] = 0  # None while a body is read
         # open connections per client address, per server (uvicorn's state of this listener)
         if not hasattr(self.server_state, "open_by_client"):
             self.server_state.open_by_client = {}
@@ -73,6 +79,22 @@ class GuardedHttpTools(HttpToolsProtocol):
             self._host = None
         super().connection_lost(exc)
 
+    def data_received(self, data: bytes) -> None:
+        if self._head_bytes is None:
+            super().data_received(data)
+            return
+        self._head_bytes += len(data)
+        super().data_received(data)
+        if self._head_bytes is not None and self._head_bytes > self.max_head_bytes and \
+                not self.transport.is_closing():
+            self._disarm()
+            self.transport.write(_answer(b"431 Request Header Fields Too Large"))
+            self.transport.close()
+
+    def on_headers_complete(self) -> None:
+        self._head_bytes = None
+        super().on_headers_complete()
+
     def on_message_begin(self) -> None:
         super().on_message_begin()
         if self._read_timer is None:  # a later request on a kept-alive connection
@@ -80,6 +102,7 @@ class GuardedHttpTools(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         self._disarm()
+        self._head_bytes = 0  # the next request's head
         super().on_message_complete()
 
     def _arm(self) -> None:
