@@ -244,6 +244,7 @@ class ServeConfig:
     max_num_images: int = 10_000  # results with metadata per query; over it is a 400
     max_num_result_ids: int = 100_000  # ids one query may ask faiss for; over it is a 400
     max_body_bytes: int = 16_000_000  # request body (a base64 image); over it is a 413
+    max_json_values: int = 100_000  # commas + brackets in a body, counted before parsing; over: 413 (>= 2 x export_max_rows)
     max_image_bytes: int = 10_000_000  # decoded query image bytes (upload or image_url)
     max_image_pixels: int = 40_000_000  # width x height of a query image; over it: decompression bomb
     max_text_chars: int = 2_000  # query text; longer is cut, not refused

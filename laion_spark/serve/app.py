@@ -127,11 +127,17 @@ class CountRequests:
                 self.metrics.observe(self.TIMED[path], time.perf_counter() - started)
 
 
-def parse_json_body(raw: bytes) -> Any:
+def parse_json_body(raw: bytes, max_values: int = ServeConfig.max_json_values) -> Any:
     """A request body as JSON (orjson; Python's json as a fallback, which reads NaN/Infinity so
-    the field check can name them); QueryError when empty or malformed."""
+    the field check can name them); QueryError when empty, malformed, or holding more than
+    `max_values` values: commas and opening brackets, counted before parsing (in C, ~10 ms for
+    16 MB), because a body of small values costs ~40x its size in Python objects."""
     if not raw.strip():
         raise QueryError("bad_json", "empty body: send a JSON object")
+    values = raw.count(b",") + raw.count(b"[") + raw.count(b"{")
+    if values > max_values:
+        raise QueryError("too_many_values", f"body holds about {values} JSON values, at most "
+                         f"{max_values}", 413)
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -339,7 +345,7 @@ def create_app(spec: ServeSpec):
             if size > cfg.max_body_bytes:
                 raise QueryError("body_too_large", f"body over {cfg.max_body_bytes} bytes", 413)
             chunks.append(chunk)
-        return parse_json_body(b"".join(chunks))
+        return parse_json_body(b"".join(chunks), cfg.max_json_values)
 
     def add_thumbnails(base: str, indice: str, rows: list) -> None:
         """`thumbnail`: an absolute URL of the row's image on this server (lake bytes or a
@@ -375,7 +381,7 @@ def create_app(spec: ServeSpec):
 
     def handle(path: str, raw: bytes, base: str) -> bytes:
         """FastSearch's work for one request: parse, then search_answer."""
-        return search_answer(path, parse_json_body(raw), base)
+        return search_answer(path, parse_json_body(raw, cfg.max_json_values), base)
 
     async def routed_search(request: Request, path: str) -> Response:
         """The routes' answer (FastSearch answers these POSTs before routing; the routes keep
