@@ -252,6 +252,7 @@ class ServeConfig:
     max_metadata_ids: int = 10_000  # ids per /metadata call
     request_read_timeout_s: float = 10.0  # connection open (or a request's first byte) to its body's end; over: 408, closed
     max_header_bytes: int = 65_536  # request line + headers; over: 431, closed (httptools has no cap)
+    write_stall_timeout_s: float = 30.0  # an answer the client stops reading; over: connection aborted
     max_connections_per_client: int = 64  # open connections per client address per worker; over: 503, closed; 0: no cap
     safe_mode: bool = True  # drop punsafe > nsfw_threshold unless the query turns it off
     nsfw_threshold: float = 0.5

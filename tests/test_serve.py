@@ -396,7 +396,7 @@ def test_slow_and_hoarding_clients_are_cut_off(truth):
             for s in socks.values():
                 s.close()
             # one address (127.0.0.2) opens 40 idle connections: 20 stay open, 20 get 503
-            GuardedHttpTools.configure(60, cfg.max_header_bytes, 20)  # no 408 while counting
+            GuardedHttpTools.configure(replace(cfg, request_read_timeout_s=60))  # no 408 now
             hoard = {i: connect(b"", "127.0.0.2") for i in range(40)}
             refused = _closed_within(hoard, 5)
             assert len(refused) == 20 and all(b"503" in d for d in refused.values()), \
@@ -411,9 +411,7 @@ def test_slow_and_hoarding_clients_are_cut_off(truth):
             assert b"200 OK" in _closed_within({"a": again}, 30).get("a", b"")
             again.close()
     finally:
-        GuardedHttpTools.configure(ServeConfig.request_read_timeout_s,
-                                   ServeConfig.max_header_bytes,
-                                   ServeConfig.max_connections_per_client)
+        GuardedHttpTools.configure(ServeConfig())
 
 
 def test_request_head_is_capped(url):
@@ -465,6 +463,49 @@ def test_body_of_many_small_values_is_refused_before_parsing(url):
         {"indice_name": "demo", "ids": list(range(237)) * 42, "similarities": [0.5] * 9954,
          "format": "sql"}), timeout=60)  # 2 x 10,000 values: the largest legitimate body
     assert ok.status_code == 200, ok.text[:200]
+
+
+def test_a_client_that_stops_reading_is_cut_off(truth):
+    """A client that sends requests and never reads the answers held its connection and the
+    answers' bytes in the worker for ever (uvicorn waits on the drain with no deadline). Now a
+    write stalled for serve.write_stall_timeout_s aborts the connection."""
+    import socket
+
+    cfg = replace(ServeConfig(), write_stall_timeout_s=2.0)
+    spec = ServeSpec(indices=[("demo", truth["index"])], serve=cfg)
+    body = json.dumps({"indice_name": "demo", "ids": list(range(237)) * 42,
+                       "format": "img2dataset"})
+    request = (f"POST /api/export HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+               f"{body}").encode()
+    try:
+        with running(spec) as base:
+            size = len(requests.post(base + "/api/export", data=body, timeout=60).content)
+            port = int(base.rsplit(":", 1)[1])
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.connect(("127.0.0.1", port))
+            n = max(4, (32 << 20) // size)  # far more than the kernel's buffers hold
+            s.sendall(request * n)
+            time.sleep(8)  # not reading
+            got = 0
+            s.settimeout(10)
+            try:
+                while True:
+                    data = s.recv(1 << 20)
+                    if not data:
+                        break
+                    got += len(data)
+            except OSError:  # reset by the abort, or (before the fix) nothing more in 10 s
+                pass
+            s.close()
+            print("stalled reader got", got, "of", n * size)
+            assert got < n * size / 2, (got, n * size)  # before: every answer, the socket open
+            r = requests.post(base + "/api/export", data=body, timeout=60)
+            assert r.status_code == 200
+    finally:
+        from laion_spark.serve.protocol import GuardedHttpTools
+
+        GuardedHttpTools.configure(ServeConfig())
 
 
 class _Redirector(BaseHTTPRequestHandler):

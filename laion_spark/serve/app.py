@@ -314,8 +314,7 @@ def create_app(spec: ServeSpec):
     from laion_spark.serve.protocol import GuardedHttpTools
 
     # this worker's slow-client guards (uvicorn builds the protocol per connection, after this)
-    GuardedHttpTools.configure(cfg.request_read_timeout_s, cfg.max_header_bytes,
-                               cfg.max_connections_per_client)
+    GuardedHttpTools.configure(cfg)
     app = FastAPI(title="laion-spark search",
                   description="clip-retrieval compatible search over laion-spark indices; our "
                               "additions under /api/.", version="1",

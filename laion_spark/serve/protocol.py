@@ -11,6 +11,9 @@ thousand of them (the usual 1,024 descriptors per process) left every other clie
 - `serve.max_header_bytes`: a request line and headers together (httptools has no cap: one
   connection streaming a header grew the worker by over 1 GB in 8 s); over it 431 and closed,
   checked after each read (asyncio reads up to 256 KiB at a time).
+- `serve.write_stall_timeout_s`: a client that stops reading its answers held the connection
+  and the unsent bytes for ever (uvicorn waits on the drain with no deadline); a write paused
+  that long without draining aborts the connection.
 - `serve.max_connections_per_client`: open connections one client address may hold in a worker;
   a connection over it gets 503 and is closed at once. Behind a reverse proxy every client has
   the proxy's address: raise it or set 0 (no cap).
@@ -24,6 +27,8 @@ import logging
 from typing import Optional
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from laion_spark.config import ServeConfig
 
 log = logging.getLogger(__name__)
 
@@ -42,15 +47,18 @@ class GuardedHttpTools(HttpToolsProtocol):
     read_timeout_s: float = 10.0
     max_head_bytes: int = 65_536
     max_per_client: int = 64
+    stall_timeout_s: float = 30.0
 
     @classmethod
-    def configure(cls, read_timeout_s: float, max_head_bytes: int, max_per_client: int) -> None:
-        cls.read_timeout_s, cls.max_head_bytes = read_timeout_s, max_head_bytes
-        cls.max_per_client = max_per_client
+    def configure(cls, cfg: ServeConfig) -> None:
+        cls.read_timeout_s, cls.max_head_bytes = cfg.request_read_timeout_s, cfg.max_header_bytes
+        cls.max_per_client = cfg.max_connections_per_client
+        cls.stall_timeout_s = cfg.write_stall_timeout_s
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._read_timer: Optional[asyncio.TimerHandle] = None
+        self._stall_timer: Optional[asyncio.TimerHandle] = None
         self._head_bytes: Optional[int] = 0  # None while a body is read
         # open connections per client address, per server (uvicorn's state of this listener)
         if not hasattr(self.server_state, "open_by_client"):
@@ -70,6 +78,9 @@ class GuardedHttpTools(HttpToolsProtocol):
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
         self._disarm()
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
         if self._host is not None:
             left = self._open.get(self._host, 1) - 1
             if left > 0:
@@ -104,6 +115,23 @@ class GuardedHttpTools(HttpToolsProtocol):
         self._disarm()
         self._head_bytes = 0  # the next request's head
         super().on_message_complete()
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self.stall_timeout_s > 0 and self._stall_timer is None:
+            self._stall_timer = self.loop.call_later(self.stall_timeout_s, self._write_stalled)
+
+    def resume_writing(self) -> None:
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
+        super().resume_writing()
+
+    def _write_stalled(self) -> None:
+        self._stall_timer = None
+        log.info("serve: %s stopped reading for %.0f s; connection aborted", self.client,
+                 self.stall_timeout_s)
+        self.transport.abort()
 
     def _arm(self) -> None:
         if self.read_timeout_s > 0:
