@@ -299,8 +299,8 @@ def _lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train_demo_clip(out_dir: str | os.PathLike, seed: int = 0, train_steps: int = 500,
-                    max_train_seconds: float = 600.0, n_train_images: int = 2400, batch_size: int = 64,
+def train_demo_clip(out_dir: str | os.PathLike, seed: int = 0, train_steps: int = 800,
+                    max_train_seconds: float = 1200.0, n_train_images: int = 2400, batch_size: int = 64,
                     multilingual: bool = True, distill_steps: int = 300, threads: Optional[int] = 1,
                     reuse: bool = True, image_size: int = DEMO_IMAGE_SIZE, patch_size: int = 8,
                     hidden: int = 96, lr: float = 3e-3, warmup_steps: int = 20, group: int = 4,
@@ -497,7 +497,7 @@ def _distill_mclip(model, tokenizer, rng: random.Random, n_steps: int, batch_siz
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="model folder (default: <demo.out_dir>/demo-clip)")
-    parser.add_argument("--steps", type=int, default=500, help="CLIP training steps")
+    parser.add_argument("--steps", type=int, default=800, help="CLIP training steps")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--no-multilingual", action="store_true", help="skip the M-CLIP text encoder")
     parser.add_argument("--force", action="store_true", help="retrain even if the folder holds a model")
