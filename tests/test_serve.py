@@ -40,9 +40,12 @@ def _client(cm, url, **kw):
 
 
 def _precision(truth, results, shape, color, k=10) -> float:
+    """Hits among the first k results, over k. The server filters after the k-NN, as clip-retrieval's
+    back does (ClipClient asks num_result_ids = num_images), so the planted duplicate URL and
+    unsafe row, when a model ranks them in the top k, leave fewer: a missing result is a miss."""
     rows = truth["rows"]
     top = results[:k]
-    assert len(top) == k, f"only {len(top)} results"
+    assert k - 2 <= len(top) <= k, f"{len(top)} results"
     return sum(rows[r["id"]]["shape"] == shape and rows[r["id"]]["color"] == color
                for r in top) / k
 
