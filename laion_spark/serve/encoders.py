@@ -16,7 +16,6 @@ import io
 import logging
 import threading
 import time
-import warnings
 from dataclasses import replace
 from typing import Optional
 
@@ -94,25 +93,6 @@ class QueryEncoder:
         return out[0].cpu().numpy().astype(np.float32)
 
 
-_PIL_WARNING_FILTER = threading.Lock()
-_pil_warning_filtered = False
-
-
-def _pil_image_module():
-    """PIL's Image, with its DecompressionBombWarning ignored process-wide (set once): our own
-    `max_pixels` decides, as in the download stage. A per-request `warnings.catch_warnings()`
-    swapped the global filter list from concurrent request threads (not thread-safe)."""
-    global _pil_warning_filtered
-    from PIL import Image
-
-    if not _pil_warning_filtered:
-        with _PIL_WARNING_FILTER:
-            if not _pil_warning_filtered:
-                warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
-                _pil_warning_filtered = True
-    return Image
-
-
 # The raster formats a browser shows (JPEG's plugin also opens MPO). Only their Pillow plugins
 # see a query's bytes: any plugin would parse them otherwise (8 MB of EPS comment lines for
 # seconds), and an EPS that parses is loaded by starting Ghostscript on the sender's PostScript.
@@ -121,7 +101,9 @@ QUERY_IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
 
 def decode_query_image(data: bytes, max_pixels: int):
     """Bytes → RGB PIL image, refusing anything over `max_pixels` before decoding pixels."""
-    Image = _pil_image_module()
+    # The download resizer's import ignores Pillow's DecompressionBombWarning process-wide, once
+    # (our `max_pixels` decides, as there); a per-request catch_warnings was not thread-safe.
+    from laion_spark.download.resize import Image
     if not data:
         raise QueryError("bad_image", "empty image")
     try:
